@@ -1,0 +1,48 @@
+"""The one crop function: any cell image to the model's 128x128 RGB uint8 input.
+
+Training data loading and the batch job both call `crop_cell`, so a cell looks the same to the
+model whether it came from the NIH folders or from a whole smear field.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from cells.contract import IMAGE_SIZE
+
+# One interpolation everywhere; PIL's bilinear filter antialiases when it shrinks.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of any PIL mode; transparent pixels become black, like the NIH crop background."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        return Image.fromarray((array * (255.0 / peak)).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def crop_cell(image: Image.Image | np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Fit a cell image into a size x size square: aspect kept, centred, padded with black.
+
+    Returns uint8 [size, size, 3]. Raises ValueError on an empty image.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    rgb = to_rgb(image)
+    width, height = rgb.size
+    if width == 0 or height == 0:
+        raise ValueError(f"empty image ({width}x{height})")
+    scale = size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = rgb.resize((new_w, new_h), RESAMPLE)
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    return np.asarray(canvas, dtype=np.uint8)

@@ -1,0 +1,1 @@
+"""smearscope: malaria smear screening at archive scale (train, export, serve, batch)."""

@@ -1,0 +1,121 @@
+"""The `smearscope` command: one subcommand per stage, each importing its stage only when run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from train.model import build_model
+
+        model = build_model(args.weights)
+        model.summary(expand_nested=False)
+        print(f"total parameters: {model.count_params():,}")
+        return 0
+    if args.data is None or args.out is None:
+        raise ValueError("--data and --out are required (or use --dry-run)")
+    from train.fit import TrainConfig, train
+
+    train(
+        TrainConfig(
+            data=args.data,
+            out=args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            warmup_epochs=args.warmup_epochs,
+            split=args.split,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            weights=args.weights,
+            class_weight=not args.no_class_weight,
+            steps_per_epoch=args.steps_per_epoch,
+            validation_steps=args.validation_steps,
+            resume=args.resume,
+        )
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from train.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.data, args.out)
+    keys = ("images", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    print(f"wrote {args.out}/metrics.json and {args.out}/confusion.png")
+    return 0
+
+
+def _data_preview(args: argparse.Namespace) -> int:
+    from train.explore import preview
+
+    print(f"wrote {preview(args.data, args.out, per_class=args.per_class, seed=args.seed)}")
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from train.explore import stats
+
+    print(json.dumps(stats(args.data), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smearscope", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the ResNet50V2 cell classifier")
+    train.add_argument("--data", type=Path, help="folder with Parasitized/ and Uninfected/")
+    train.add_argument("--out", type=Path, help="run folder for the model, checkpoints, plots, metrics")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--warmup-epochs", type=int, default=1)
+    train.add_argument("--split", choices=("patient", "random"), default="patient")
+    train.add_argument("--val-fraction", type=float, default=0.3)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--weights", default="none", help="none (from scratch), imagenet, or a local weights file")
+    train.add_argument("--no-class-weight", action="store_true", help="do not balance the classes in the loss")
+    train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
+    train.add_argument("--validation-steps", type=int, help="cap the validation steps (smoke runs)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="build the model, print its summary, exit")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics and confusion plot of a .keras or .onnx model")
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, required=True, help="folder with Parasitized/ and Uninfected/")
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"))
+    evaluate.set_defaults(run=_evaluate)
+
+    data = commands.add_parser("data", help="look at a cell folder").add_subparsers(dest="data_command", required=True)
+    preview = data.add_parser("preview", help="montage of random cells of each class")
+    preview.add_argument("--data", type=Path, required=True)
+    preview.add_argument("--out", type=Path, default=Path("preview.png"))
+    preview.add_argument("--per-class", type=int, default=8)
+    preview.add_argument("--seed", type=int, default=0)
+    preview.set_defaults(run=_data_preview)
+    stats = data.add_parser("stats", help="images per class, patients, sizes")
+    stats.add_argument("--data", type=Path, required=True)
+    stats.set_defaults(run=_data_stats)
+    return parser
+
+
+# Errors that mean "bad input": reported as one line, never a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"smearscope {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"smearscope {args.command}: interrupted", file=sys.stderr)
+        return 130

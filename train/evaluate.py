@@ -1,0 +1,78 @@
+"""Scoring a model (Keras in memory, a .keras file or an exported .onnx) on labelled cells."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cells.contract import CLASSES
+from train.data import CellSet, list_samples, load_cells
+from train.metrics import classification_metrics
+from train.plots import plot_confusion
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def keras_predictor(model, batch_size: int = 64) -> Predictor:
+    """Batched calls on the model itself: cheaper than model.predict for repeated small inputs."""
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        parts = [np.asarray(model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(CLASSES)), np.float32)
+
+    return predict
+
+
+def onnx_predictor(path: Path, batch_size: int = 64) -> Predictor:
+    import onnxruntime as ort
+
+    from cells.contract import INPUT_NAME, OUTPUT_NAME
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        parts = [
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, len(CLASSES)), np.float32)
+
+    return predict
+
+
+def load_predictor(path: Path) -> Predictor:
+    """A predictor for a saved model file, by its suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.suffix == ".onnx":
+        return onnx_predictor(path)
+    if path.suffix in (".keras", ".h5"):
+        import keras
+
+        return keras_predictor(keras.models.load_model(path, compile=False))
+    raise ValueError(f"unsupported model file {path.name} (expected .keras or .onnx)")
+
+
+def write_evaluation(predictor: Predictor, cells: CellSet, out: Path, extra: dict | None = None) -> dict:
+    """metrics.json and confusion.png for `cells` in `out`; returns the metrics."""
+    probabilities = predictor(cells.images)
+    metrics = classification_metrics(cells.labels, probabilities, cells.patients)
+    metrics["skipped_files"] = [{"path": p, "reason": r} for p, r in cells.skipped]
+    metrics.update(extra or {})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion(metrics["confusion"]["rows_true_cols_predicted"], list(CLASSES), out / "confusion.png")
+    return metrics
+
+
+def evaluate(model_path: Path, data_dir: Path, out: Path) -> dict:
+    """Metrics of a saved model on every image of a labelled folder."""
+    predictor = load_predictor(model_path)
+    cells = load_cells(list_samples(data_dir))
+    return write_evaluation(predictor, cells, out, extra={"model": str(model_path), "data": str(data_dir)})
