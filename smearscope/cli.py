@@ -6,6 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from cells.contract import MODEL_NAME
+
+# The committed real cells; the export parity gate runs on them unless told otherwise.
+DEFAULT_PARITY_DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cells"
+
 
 def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
@@ -64,6 +69,24 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export.pipeline import ExportOptions, export
+    from export.triton_config import ServingParameters
+
+    export(
+        ExportOptions(
+            model=args.model,
+            repository=args.repository,
+            serving=ServingParameters(name=args.name, max_batch_size=args.max_batch),
+            fp16=args.fp16,
+            tensorrt=args.tensorrt,
+            opt_batch=args.opt_batch,
+            parity_data=args.parity_data,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smearscope", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, required=True, help="folder with Parasitized/ and Uninfected/")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"))
     evaluate.set_defaults(run=_evaluate)
+
+    export = commands.add_parser("export", help="Keras -> ONNX (-> TensorRT) -> Triton model repository")
+    export.add_argument("--model", type=Path, required=True, help="a trained model.keras")
+    export.add_argument("--repository", type=Path, default=Path("model_repository"))
+    export.add_argument("--name", default=MODEL_NAME)
+    export.add_argument("--max-batch", type=int, default=256)
+    export.add_argument("--opt-batch", type=int, default=64, help="TensorRT profile's optimal batch")
+    export.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="serve the FP16 ONNX")
+    export.add_argument("--tensorrt", action="store_true", help="also build model.plan (needs TensorRT and a GPU)")
+    export.add_argument("--parity-data", type=Path, default=DEFAULT_PARITY_DATA, help="labelled cells for the parity gate")
+    export.set_defaults(run=_export)
 
     data = commands.add_parser("data", help="look at a cell folder").add_subparsers(dest="data_command", required=True)
     preview = data.add_parser("preview", help="montage of random cells of each class")

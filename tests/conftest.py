@@ -21,3 +21,20 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "smearscope", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def keras_model_file(tmp_path_factory) -> Path:
+    """An untrained model with a widened output layer, so its classes are not coin flips at 0.5."""
+    import keras
+
+    from train.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("none")
+    layer = model.get_layer("probabilities")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel * 20, bias])
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model.save(path)
+    return path

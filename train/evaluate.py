@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from cells.contract import CLASSES
+from cells.runtime import OnnxClassifier, predict_in_batches
 from train.data import CellSet, list_samples, load_cells
 from train.metrics import classification_metrics
 from train.plots import plot_confusion
@@ -18,30 +19,7 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 def keras_predictor(model, batch_size: int = 64) -> Predictor:
     """Batched calls on the model itself: cheaper than model.predict for repeated small inputs."""
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        parts = [np.asarray(model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(CLASSES)), np.float32)
-
-    return predict
-
-
-def onnx_predictor(path: Path, batch_size: int = 64) -> Predictor:
-    import onnxruntime as ort
-
-    from cells.contract import INPUT_NAME, OUTPUT_NAME
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        parts = [
-            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, len(CLASSES)), np.float32)
-
-    return predict
+    return lambda images: predict_in_batches(lambda batch: model(batch, training=False), images, batch_size)
 
 
 def load_predictor(path: Path) -> Predictor:
@@ -50,7 +28,7 @@ def load_predictor(path: Path) -> Predictor:
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     if path.suffix == ".onnx":
-        return onnx_predictor(path)
+        return OnnxClassifier(path)
     if path.suffix in (".keras", ".h5"):
         import keras
 
