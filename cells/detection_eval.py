@@ -151,18 +151,29 @@ def load_annotations(path: Path) -> dict[str, list[AnnotatedBox]]:
     return result
 
 
+def pad_boxes(boxes: Sequence[Box], pad: int) -> list[Box]:
+    """Grow each box by `pad` px on every side (may reach outside the field)."""
+    return [(x - pad, y - pad, w + 2 * pad, h + 2 * pad) for x, y, w, h in boxes]
+
+
 def score_field(
     predicted: Sequence[Box],
     annotated: Sequence[AnnotatedBox],
     width: int,
     height: int,
     margin: int = BORDER_MARGIN,
+    pad: int = 0,
 ) -> Match:
-    """Apply the border rule to both sides, then match predictions to annotated cells."""
+    """Match predictions to annotated cells after the border rule on both sides.
+
+    `pad` grows the predicted boxes first, to put tight mask boxes on the annotators' convention
+    (IML boxes are drawn a few px outside the cell edge); the border rule then sees both sides
+    drawn the same way.
+    """
     cells = [a.box for a in annotated if a.type in CELL_TYPES]
     ignored = [a.box for a in annotated if a.type in IGNORED_TYPES]
     return match_boxes(
-        drop_border_boxes(predicted, width, height, margin),
+        drop_border_boxes(pad_boxes(predicted, pad), width, height, margin),
         drop_border_boxes(cells, width, height, margin),
         ignored=ignored,
     )

@@ -28,10 +28,16 @@ class FindParams:
     scale: int = 2  # segment at 1/scale resolution
     smooth_sigma: float = 1.0  # Gaussian blur before thresholding, px at 1/scale
     cell_diameter: float = 82.0  # typical red cell, px at full resolution
-    peak_distance: float = 0.35  # min distance between cell centres, x cell_diameter
+    peak_distance: float = 0.25  # min distance between cell centres, x cell_diameter
     min_area: float = 0.25  # x the area of a typical cell
     max_area: float = 2.0
     min_solidity: float = 0.85  # a single red cell is convex; clumps and debris are not
+    threshold_level: float = 0.5
+    rim_width: int = 7
+    rim_level: float = 0.15
+    min_peak: float = 0.15
+    rim_weight: float = 20.0
+    max_hole: float = 0.3
     border_margin: int = 2  # px; a mask this close to an edge touches the border
 
 
@@ -69,15 +75,26 @@ def _downsample(channel: np.ndarray, scale: int) -> np.ndarray:
     return blocks.mean(axis=(1, 3))
 
 
-def _foreground(image: np.ndarray, params: FindParams) -> np.ndarray:
-    """Cell pixels at 1/scale resolution: dark in green, with pale centres filled."""
+def _foreground(image: np.ndarray, params: FindParams) -> tuple[np.ndarray, np.ndarray]:
+    """Cell pixels at 1/scale resolution (pale centres filled), and the cell interiors.
+
+    Interiors are the cell pixels minus the dark rims that pale cells show where they touch or
+    overlap: a black top-hat narrower than a cell finds those rims and nothing inside a cell.
+    """
     green = _downsample(image[..., 1].astype(np.float32), params.scale)
     green = ndi.gaussian_filter(green, params.smooth_sigma)
     if green.max() - green.min() < 1.0:  # a flat field has no cells, and Otsu needs two levels
-        return np.zeros(green.shape, dtype=bool)
-    mask = green < threshold_otsu(green)
+        empty = np.zeros(green.shape, dtype=bool)
+        return empty, empty
+    otsu = threshold_otsu(green)
+    background, cells = np.median(green[green >= otsu]), np.median(green[green < otsu])
+    contrast = background - cells
+    mask = green < background - params.threshold_level * contrast
     cell_area = _cell_area(params)
-    return remove_small_holes(mask, max_size=int(0.3 * cell_area))
+    mask = remove_small_holes(mask, max_size=int(params.max_hole * cell_area))
+    size = params.rim_width
+    rims = (ndi.grey_closing(green, size=(size, size)) - green) / contrast
+    return mask, rims
 
 
 def _cell_area(params: FindParams) -> float:
@@ -85,20 +102,22 @@ def _cell_area(params: FindParams) -> float:
     return np.pi * (params.cell_diameter / params.scale / 2) ** 2
 
 
-def _split(mask: np.ndarray, params: FindParams) -> np.ndarray:
-    """Label image: one label per cell, touching cells split at the distance-transform saddles."""
-    distance = ndi.distance_transform_edt(mask)
+def _split(mask: np.ndarray, rims: np.ndarray, params: FindParams) -> np.ndarray:
+    """Label image: one label per cell, split where interiors meet at rims or narrow necks."""
+    interiors = mask & (rims < params.rim_level)
+    distance = ndi.distance_transform_edt(interiors)
     min_distance = max(1, int(params.peak_distance * params.cell_diameter / params.scale))
     peaks = peak_local_max(
         distance,
         min_distance=min_distance,
-        threshold_abs=0.15 * params.cell_diameter / params.scale,
-        labels=ndi.label(mask)[0],
+        threshold_abs=params.min_peak * params.cell_diameter / params.scale,
+        labels=ndi.label(interiors)[0],
         exclude_border=False,
     )
     markers = np.zeros(mask.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return watershed(-distance, markers, mask=mask)
+    elevation = params.rim_weight * rims - ndi.distance_transform_edt(mask)
+    return watershed(elevation, markers, mask=mask)
 
 
 def _to_cell(label: int, bbox: tuple[int, int, int, int], labels_full: np.ndarray, margin: int) -> Cell:
@@ -120,7 +139,7 @@ def find_cells(
     bias per-field counts). Raises ValueError if the image is not H x W x 3.
     """
     _check_rgb(image)
-    labels = _split(_foreground(image, params), params)
+    labels = _split(*_foreground(image, params), params)
     scale = params.scale
     labels_full = np.zeros(image.shape[:2], dtype=labels.dtype)
     up = labels.repeat(scale, axis=0).repeat(scale, axis=1)

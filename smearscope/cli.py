@@ -87,6 +87,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deploy.embedded import ServeOptions, serve
+
+    serve(
+        ServeOptions(
+            repository=args.repository,
+            name=args.name,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            threads=args.threads,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smearscope", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tensorrt", action="store_true", help="also build model.plan (needs TensorRT and a GPU)")
     export.add_argument("--parity-data", type=Path, default=DEFAULT_PARITY_DATA, help="labelled cells for the parity gate")
     export.set_defaults(run=_export)
+
+    serve = commands.add_parser("serve", help="a real Triton server (HTTP, gRPC, metrics) on the repository's ONNX model")
+    serve.add_argument("--repository", type=Path, default=Path("model_repository"))
+    serve.add_argument("--name", default=MODEL_NAME)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server on every interface")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    serve.set_defaults(run=_serve)
 
     data = commands.add_parser("data", help="look at a cell folder").add_subparsers(dest="data_command", required=True)
     preview = data.add_parser("preview", help="montage of random cells of each class")

@@ -38,3 +38,27 @@ def keras_model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, keras_model_file):
+    """One real export through the CLI (with --tensorrt, which fails here and must keep the ONNX model)."""
+    repository = tmp_path_factory.mktemp("repo")
+    result = run_cli("export", "--model", str(keras_model_file), "--repository", str(repository), "--tensorrt")
+    return repository, keras_model_file, result
+
+
+@pytest.fixture(scope="session")
+def repository(exported) -> Path:
+    repository, _, result = exported
+    assert (repository / "malaria_resnet50v2" / "1" / "model.onnx").is_file(), result.stderr[-2000:]
+    return repository
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    """A real embedded Triton on free loopback ports, shared by the serving tests."""
+    from deploy.server import EmbeddedServer
+
+    with EmbeddedServer(repository) as running:
+        yield running

@@ -72,13 +72,6 @@ def test_parity_gate_numbers():
     assert any("FP16" in f for f in check_gate(parity(reference, reference), parity(reference, flipped)))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, keras_model_file):
-    repository = tmp_path_factory.mktemp("repo")
-    result = run_cli("export", "--model", str(keras_model_file), "--repository", str(repository), "--tensorrt")
-    return repository, keras_model_file, result
-
-
 @pytest.mark.slow
 def test_export_without_tensorrt_keeps_onnx_and_names_trtexec(exported):
     repository, _, result = exported

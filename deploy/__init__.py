@@ -1,0 +1,1 @@
+"""Running Triton: the embedded CPU server, its Python handle, the client, and GPU/Kubernetes manifests."""

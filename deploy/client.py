@@ -1,0 +1,230 @@
+"""The one Triton client of the project (batch, bench and web use it): asyncio, gRPC or HTTP.
+
+It keeps a bounded number of requests in flight, splits batches to the server's max_batch_size,
+retries unavailable servers with exponential backoff and jitter, fails over between several URLs,
+and never retries a request the server rejected as invalid.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cells.contract import CLASSES, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, MODEL_NAME, OUTPUT_DTYPE, OUTPUT_NAME
+
+# Statuses that mean "this server cannot take it now", not "this request is wrong".
+RETRYABLE_STATUSES = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.CANCELLED",
+    "StatusCode.ABORTED",
+    "429",
+    "502",
+    "503",
+    "504",
+}
+
+
+class ContractError(ValueError):
+    """The served model does not match the contract in cells.contract."""
+
+
+class InferenceRejected(ValueError):
+    """The server refused the request as invalid; retrying would not help."""
+
+
+class ServersUnavailable(RuntimeError):
+    """No server answered within the retries."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    urls: tuple[str, ...]
+    protocol: str = "grpc"
+    model: str = MODEL_NAME
+    batch_size: int = 64
+    max_in_flight: int = 4
+    timeout_s: float = 60.0
+    retries: int = 6
+    backoff_s: float = 0.2
+    backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be grpc or http, not {self.protocol!r}")
+        if not self.urls:
+            raise ValueError("at least one Triton URL is needed")
+
+
+def is_retryable(error: BaseException) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(error, (asyncio.TimeoutError, OSError, ConnectionError)):
+        return True
+    if isinstance(error, InferenceServerException):
+        status = str(error.status() or "")
+        return status in RETRYABLE_STATUSES or (not status and "connect" in str(error).lower())
+    return type(error).__module__.startswith("aiohttp")
+
+
+def _message(error: BaseException) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(error, InferenceServerException):
+        return error.message().splitlines()[0] if error.message() else str(error)
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def check_contract(metadata: dict, model: str) -> None:
+    """Compare the server's model metadata with the contract; raise with a one-line reason."""
+    if metadata.get("name") != model:
+        raise ContractError(f"server model is {metadata.get('name')!r}, expected {model!r}")
+    expected = {
+        "inputs": (INPUT_NAME, INPUT_DTYPE, [-1, *INPUT_SHAPE]),
+        "outputs": (OUTPUT_NAME, OUTPUT_DTYPE, [-1, len(CLASSES)]),
+    }
+    for side, (name, dtype, shape) in expected.items():
+        tensors = metadata.get(side, [])
+        if len(tensors) != 1:
+            raise ContractError(f"model {model} has {len(tensors)} {side}, expected 1 ({name})")
+        tensor = tensors[0]
+        found = (tensor.get("name"), tensor.get("datatype"), [int(d) for d in tensor.get("shape", [])])
+        if found != (name, dtype, shape):
+            raise ContractError(f"model {model} {side[:-1]} is {found}, expected {(name, dtype, shape)}")
+
+
+@dataclass
+class _Server:
+    url: str
+    client: object
+    down_until: float = 0.0
+
+
+@dataclass
+class TritonClassifier:
+    """Use as `async with TritonClassifier(options) as classifier: probs = await classifier.classify(crops)`."""
+
+    options: ClientOptions
+    max_batch_size: int = 0
+    servers: list[_Server] = field(default_factory=list)
+    requests_sent: int = 0
+    retries_done: int = 0
+    _turn: int = 0
+
+    def _library(self):
+        if self.options.protocol == "grpc":
+            import tritonclient.grpc.aio as library
+        else:
+            import tritonclient.http.aio as library
+        return library
+
+    async def connect(self) -> "TritonClassifier":
+        """Open every URL; check the contract and read max_batch_size from the first that answers."""
+        library = self._library()
+        self.servers = [_Server(url, library.InferenceServerClient(url)) for url in self.options.urls]
+        errors = []
+        for server in self.servers:
+            try:
+                metadata, config = await asyncio.wait_for(self._describe(server), self.options.timeout_s)
+            except Exception as error:  # noqa: BLE001 - try the next URL; report all if none answers
+                if not is_retryable(error):
+                    await self.close()
+                    raise ContractError(f"{server.url} has no usable model {self.options.model!r}: {_message(error)}") from error
+                errors.append(f"{server.url}: {_message(error)}")
+                server.down_until = time.monotonic() + self.options.backoff_max_s
+                continue
+            check_contract(metadata, self.options.model)
+            self.max_batch_size = int(config.get("max_batch_size", 0))
+            return self
+        await self.close()
+        raise ServersUnavailable("no Triton server answered: " + "; ".join(errors))
+
+    async def _describe(self, server: _Server) -> tuple[dict, dict]:
+        if self.options.protocol == "grpc":
+            metadata = await server.client.get_model_metadata(self.options.model, as_json=True)
+            config = (await server.client.get_model_config(self.options.model, as_json=True))["config"]
+        else:
+            metadata = await server.client.get_model_metadata(self.options.model)
+            config = await server.client.get_model_config(self.options.model)
+        return metadata, config
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.client.close()
+
+    async def __aenter__(self) -> "TritonClassifier":
+        return await self.connect()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    def chunk_size(self) -> int:
+        return min(self.options.batch_size, self.max_batch_size) if self.max_batch_size > 0 else self.options.batch_size
+
+    async def classify(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities [N,2] for uint8 crops [N,128,128,3], in input order, each crop exactly once."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[1:] != INPUT_SHAPE:
+            raise InferenceRejected(f"crops must be uint8 [N,{','.join(map(str, INPUT_SHAPE))}], got {images.dtype} {list(images.shape)}")
+        if len(images) == 0:
+            return np.zeros((0, len(CLASSES)), np.float32)
+        size = self.chunk_size()
+        gate = asyncio.Semaphore(self.options.max_in_flight)
+
+        async def bounded(chunk: np.ndarray) -> np.ndarray:
+            async with gate:
+                return await self._infer_with_retries(chunk)
+
+        parts = await asyncio.gather(*(bounded(images[i : i + size]) for i in range(0, len(images), size)))
+        return np.concatenate(parts)
+
+    def _next_server(self) -> _Server:
+        """Round robin over servers that are not marked down; the soonest back if all are."""
+        now = time.monotonic()
+        for _ in range(len(self.servers)):
+            server = self.servers[self._turn % len(self.servers)]
+            self._turn += 1
+            if server.down_until <= now:
+                return server
+        return min(self.servers, key=lambda s: s.down_until)
+
+    async def _infer_with_retries(self, chunk: np.ndarray) -> np.ndarray:
+        last_error: BaseException | None = None
+        for attempt in range(self.options.retries + 1):
+            server = self._next_server()
+            try:
+                self.requests_sent += 1
+                return await asyncio.wait_for(self._infer(server, chunk), self.options.timeout_s)
+            except Exception as error:  # noqa: BLE001 - sorted into retryable or rejected below
+                if not is_retryable(error):
+                    raise InferenceRejected(f"{server.url} rejected the request: {_message(error)}") from error
+                last_error = error
+                delay = min(self.options.backoff_max_s, self.options.backoff_s * 2**attempt)
+                server.down_until = time.monotonic() + delay
+                self.retries_done += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+        raise ServersUnavailable(
+            f"no server took a batch of {len(chunk)} after {self.options.retries + 1} attempts: {_message(last_error)}"
+        )
+
+    async def _infer(self, server: _Server, chunk: np.ndarray) -> np.ndarray:
+        library = self._library()
+        request = library.InferInput(INPUT_NAME, list(chunk.shape), INPUT_DTYPE)
+        request.set_data_from_numpy(np.ascontiguousarray(chunk))
+        output = library.InferRequestedOutput(OUTPUT_NAME)
+        result = await server.client.infer(self.options.model, [request], outputs=[output])
+        return result.as_numpy(OUTPUT_NAME)
+
+
+def classify(options: ClientOptions, images: np.ndarray) -> np.ndarray:
+    """Synchronous convenience: connect, classify, close."""
+
+    async def run() -> np.ndarray:
+        async with TritonClassifier(options) as classifier:
+            return await classifier.classify(images)
+
+    return asyncio.run(run())

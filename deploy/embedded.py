@@ -1,0 +1,130 @@
+"""`smearscope serve`: a real Triton server (PyTriton's tritonserver) serving the repository's ONNX model.
+
+PyTriton 0.7 ships tritonserver with the Python backend only, so the ONNX model runs in ONNX Runtime
+behind that backend, under the repository's model name and with its config's inputs, outputs,
+max_batch_size and dynamic batching: clients cannot tell it from Triton's onnxruntime backend.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sysconfig
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cells.contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from export.triton_config import VERSION, read_model_config
+
+ACCESS_TOKEN_ENV = "SMEARSCOPE_TRITON_ACCESS_TOKEN"
+
+
+class ServeError(RuntimeError):
+    """The server cannot start: a busy port, or no servable model in the repository."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    repository: Path
+    name: str = MODEL_NAME
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    threads: int = 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ServeError(f"port {host}:{port} is not available ({error.strerror})") from error
+
+
+def servable_onnx(options: ServeOptions) -> tuple[Path, object]:
+    """The ONNX file and parsed config of the named model, or a one-line reason why not."""
+    model_dir = Path(options.repository) / options.name
+    if not (model_dir / "config.pbtxt").is_file():
+        raise ServeError(f"no model {options.name!r} in repository {options.repository} (missing config.pbtxt)")
+    config = read_model_config(model_dir)
+    onnx = model_dir / str(VERSION) / "model.onnx"
+    if not onnx.is_file():
+        raise ServeError(
+            f"{model_dir} has no {VERSION}/model.onnx; this CPU server runs ONNX models "
+            "(a model.plan needs the GPU container, see deploy/README)"
+        )
+    return onnx, config
+
+
+def _fix_python_backend_environment() -> None:
+    """The backend stub links libpython: pyenv interpreters need their LIBDIR first (platform notes)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir and not current.startswith(libdir):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+
+
+def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
+    """Start Triton, print the URLs when ready, and block until SIGINT/SIGTERM or `stop` is set."""
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    from cells.runtime import OnnxClassifier
+
+    onnx, config = servable_onnx(options)
+    for port in (options.http_port, options.grpc_port, options.metrics_port):
+        check_port_free(options.host, port)
+    classifier = OnnxClassifier(onnx, batch_size=max(1, config.max_batch_size), threads=options.threads)
+
+    @batch
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return {OUTPUT_NAME: classifier(inputs[INPUT_NAME])}
+
+    input_config, output_config = config.input[0], config.output[0]
+    stop = stop or threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # A background process from a non-interactive shell inherits SIGINT ignored: handle it explicitly.
+        signal.signal(signum, lambda *_: stop.set())
+    _fix_python_backend_environment()
+    logging.getLogger("pytriton").setLevel(logging.WARNING)
+    triton_config = TritonConfig(
+        http_address=options.host,
+        http_port=options.http_port,
+        grpc_address=options.host,
+        grpc_port=options.grpc_port,
+        metrics_address=options.host,
+        metrics_port=options.metrics_port,
+        log_verbose=0,
+    )
+    security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
+    with Triton(config=triton_config, security_config=security) as triton:
+        triton.bind(
+            model_name=options.name,
+            infer_func=infer,
+            inputs=[Tensor(name=input_config.name, dtype=np.uint8, shape=tuple(input_config.dims))],
+            outputs=[Tensor(name=output_config.name, dtype=np.float32, shape=tuple(output_config.dims))],
+            config=ModelConfig(
+                max_batch_size=config.max_batch_size,
+                batcher=DynamicBatcher(
+                    max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
+                    preferred_batch_size=list(config.dynamic_batching.preferred_batch_size) or None,
+                ),
+            ),
+            strict=True,
+        )
+        triton.run()
+        print(
+            f"serving {options.name} ({onnx}) on http://{options.host}:{options.http_port} "
+            f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if not triton.is_alive():
+                raise ServeError("Triton stopped unexpectedly")
+        print("shutting down", flush=True)

@@ -1,0 +1,115 @@
+"""A handle on an embedded Triton in a child process: free ports, readiness, clean stop.
+
+Tests, the batch job and the benchmark start servers through this, so a killed or crashed server
+never takes the caller down with it.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from cells.contract import MODEL_NAME
+from deploy.embedded import ACCESS_TOKEN_ENV, ServeError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class EmbeddedServer:
+    """`smearscope serve` in its own process group, ready when the model answers ready."""
+
+    def __init__(
+        self,
+        repository: Path,
+        name: str = MODEL_NAME,
+        host: str = "127.0.0.1",
+        threads: int = 0,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        self.repository, self.name, self.host = Path(repository), name, host
+        self.threads, self.startup_timeout = threads, startup_timeout
+        self.http_port, self.grpc_port, self.metrics_port = (free_port(host) for _ in range(3))
+        self.access_token = secrets.token_urlsafe(24)
+        self.process: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="smearscope-serve-", suffix=".log", delete=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def start(self) -> "EmbeddedServer":
+        command = [
+            sys.executable, "-m", "smearscope", "serve", "--repository", str(self.repository), "--name", self.name,
+            "--host", self.host, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+            "--metrics-port", str(self.metrics_port), "--threads", str(self.threads),
+        ]
+        env = {**os.environ, ACCESS_TOKEN_ENV: self.access_token}
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServeError(f"server exited with code {self.process.returncode}: {self._last_line()}")
+            if self.ready():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServeError(f"server not ready after {self.startup_timeout:.0f}s: {self._last_line()}")
+
+    def ready(self) -> bool:
+        url = f"http://{self.http_url}/v2/models/{self.name}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM and wait (Triton unloads the model, frees shared memory); SIGKILL the group if stuck."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """Kill the whole server process group at once, as a crash would, then free its shared memory."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            for segment in Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"):
+                segment.unlink(missing_ok=True)
+
+    def _last_line(self) -> str:
+        lines = Path(self.log.name).read_text(errors="replace").strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower() and "NVML" not in line and "DCGM" not in line]
+        return (errors or lines or ["no output"])[-1][:300]
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
