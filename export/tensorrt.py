@@ -114,3 +114,29 @@ def _gpu_name() -> str:
         return "unknown"
     names = result.stdout.strip().splitlines()
     return names[0] if result.returncode == 0 and names else "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build model.plan from the repository's ONNX model and regenerate config.pbtxt (GPU host)."""
+    import argparse
+
+    from cells.contract import MODEL_NAME
+    from export.triton_config import VERSION, ServingParameters, write_model_config
+
+    parser = argparse.ArgumentParser(prog="python -m export.tensorrt", description=main.__doc__)
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--name", default=MODEL_NAME)
+    parser.add_argument("--opt-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    version_dir = args.repository / args.name / str(VERSION)
+    profile = EngineProfile(opt_batch=args.opt_batch, max_batch=args.max_batch, fp16=args.fp16)
+    metadata = build_engine(version_dir / "model.onnx", version_dir / "model.plan", profile, args.repository / "timing.cache")
+    config = write_model_config(args.repository, ServingParameters(name=args.name, max_batch_size=args.max_batch))
+    print(f"built {version_dir / 'model.plan'} with TensorRT {metadata['tensorrt_version']} on {metadata['gpu']}; wrote {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

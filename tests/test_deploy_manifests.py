@@ -1,0 +1,55 @@
+"""GPU-host and Kubernetes files, validated offline (they are not run here: no GPU, no cluster)."""
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def _documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_triton_manifests_pass_the_kubernetes_schema():
+    documents = _documents(DEPLOY / "k8s" / "triton.yaml")
+    assert {d["kind"] for d in documents} == {"Deployment", "Service"}
+    for document in documents:
+        kubernetes_validate.validate(document, "1.30", strict=True)
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    service = next(d for d in documents if d["kind"] == "Service")
+    assert sorted(p["port"] for p in service["spec"]["ports"]) == [8000, 8001, 8002]
+
+
+def test_rayjob_runs_the_batch_job_against_the_triton_service():
+    (job,) = _documents(DEPLOY / "k8s" / "rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert "batch/run.py" in job["spec"]["entrypoint"] and "triton:8001" in job["spec"]["entrypoint"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"].startswith("2.60")
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": pod}, "1.30", strict=True)
+
+
+def test_compose_builds_the_engine_before_serving():
+    compose = yaml.safe_load((DEPLOY / "gpu" / "docker-compose.yml").read_text())
+    engine, triton = compose["services"]["engine"], compose["services"]["triton"]
+    assert engine["image"].startswith("nvcr.io/nvidia/tensorrt:") and triton["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert engine["image"].split(":")[1] == triton["image"].split(":")[1]  # one NGC release: same TensorRT
+    assert triton["depends_on"]["engine"]["condition"] == "service_completed_successfully"
+    assert "--model-repository=/models" in triton["command"]
+    script = (DEPLOY / "gpu" / "build-engine.sh").read_text()
+    assert "python -m export.tensorrt" in script
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_engine_entry_point_without_tensorrt_names_trtexec(tmp_path):
+    from export.tensorrt import TensorRTUnavailable, main
+
+    with pytest.raises(TensorRTUnavailable, match="trtexec --onnx="):
+        main(["--repository", str(tmp_path)])
