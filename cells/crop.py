@@ -46,3 +46,28 @@ def crop_cell(image: Image.Image | np.ndarray, size: int = IMAGE_SIZE) -> np.nda
     canvas = Image.new("RGB", (size, size))
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def cut_cell(
+    field: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray | None = None, pad_fraction: float = 0.05
+) -> np.ndarray:
+    """One cell of a whole smear field, as the model sees NIH cells: alone on black, 128x128.
+
+    The square around the box (padded by `pad_fraction` of its side; black outside the field) is cut,
+    pixels outside the cell's `mask` (bool [h, w], aligned with the box) are blacked out, because the
+    NIH training crops show one segmented cell on black; then `crop_cell` resizes it.
+    """
+    x, y, w, h = box
+    side = max(w, h)
+    side += 2 * max(2, round(pad_fraction * side))
+    left, top = x + w // 2 - side // 2, y + h // 2 - side // 2
+    square = np.zeros((side, side, 3), dtype=np.uint8)
+    src_x0, src_y0 = max(left, 0), max(top, 0)
+    src_x1, src_y1 = min(left + side, field.shape[1]), min(top + side, field.shape[0])
+    if src_x1 > src_x0 and src_y1 > src_y0:
+        square[src_y0 - top : src_y1 - top, src_x0 - left : src_x1 - left] = field[src_y0:src_y1, src_x0:src_x1]
+    if mask is not None:
+        keep = np.zeros((side, side), dtype=bool)
+        keep[y - top : y - top + h, x - left : x - left + w] = mask
+        square[~keep] = 0
+    return crop_cell(square)

@@ -104,6 +104,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from bench.serving import bench_serving
+
+    bench_serving(args.repository, args.out, images=args.images, in_flight=args.in_flight, threads=args.threads)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from batch.run import run
+
+    return run(args)
+
+
+def _evaluate_slides(args: argparse.Namespace) -> int:
+    from batch.evaluate_slides import evaluate_slides
+
+    report = evaluate_slides(args.results, args.annotations)
+    print(json.dumps({k: v for k, v in report.items() if k != "per_slide"}, indent=2))
+    print(f"wrote {args.results}/evaluation.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smearscope", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     serve.set_defaults(run=_serve)
+
+    from batch.run import build_parser as batch_parser
+
+    batch_parser(commands.add_parser("run", help="the batch job: smear images -> cells -> Triton -> parasitemia")).set_defaults(run=_run)
+
+    evaluate_slides = commands.add_parser("evaluate-slides", help="a batch run against IML-format annotations")
+    evaluate_slides.add_argument("--results", type=Path, required=True, help="the batch job's --output folder")
+    evaluate_slides.add_argument("--annotations", type=Path, required=True, help="IML annotations.json")
+    evaluate_slides.set_defaults(run=_evaluate_slides)
+
+    bench = commands.add_parser("bench", help="throughput benchmarks (numbers, not pass/fail)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve = bench_commands.add_parser("serve", help="embedded Triton: req/s and img/s, batch 1 and 64, HTTP and gRPC")
+    bench_serve.add_argument("--repository", type=Path, default=Path("model_repository"))
+    bench_serve.add_argument("--out", type=Path, default=Path("bench/results/serving.csv"))
+    bench_serve.add_argument("--images", type=int, default=512)
+    bench_serve.add_argument("--in-flight", type=int, default=8)
+    bench_serve.add_argument("--threads", type=int, default=0)
+    bench_serve.set_defaults(run=_bench_serve)
 
     data = commands.add_parser("data", help="look at a cell folder").add_subparsers(dest="data_command", required=True)
     preview = data.add_parser("preview", help="montage of random cells of each class")

@@ -1,0 +1,81 @@
+"""`smearscope evaluate-slides`: a batch run's cells against IML-format annotations.
+
+Detection is scored with the shared matcher and border rule (cells.detection_eval); classification
+is reported for the annotated cells the run found: the share of infected cells (ring, trophozoite,
+schizont, gametocyte) called Parasitized, and the share of uninfected red cells called Parasitized.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from cells.contract import CLASSES, PARASITIZED
+from cells.detection_eval import (
+    BORDER_MARGIN,
+    CELL_TYPES,
+    IGNORED_TYPES,
+    INFECTED_TYPES,
+    Match,
+    load_annotations,
+    match_boxes,
+    touches_border,
+)
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_MARGIN) -> dict:
+    import pyarrow.parquet as pq
+
+    cells_table = results / "cells.parquet"
+    if not cells_table.is_file():
+        raise FileNotFoundError(f"no cells.parquet in {results} (run the batch job first)")
+    annotations = load_annotations(annotations_path)
+    slides = [s for s in pq.read_table(results / "slides.parquet").to_pylist() if s["status"] == "ok"]
+    cells_by_slide: dict[str, list[dict]] = {}
+    for row in pq.read_table(cells_table).to_pylist():
+        cells_by_slide.setdefault(row["slide"], []).append(row)
+
+    total = Match(0, 0, 0)
+    calls: Counter[tuple[str, str]] = Counter()  # (annotated kind, predicted label)
+    per_slide = []
+    for slide in slides:
+        name = Path(slide["slide"].split("!")[-1]).name
+        if name not in annotations:
+            continue
+        width, height = slide["width"], slide["height"]
+        rows = [r for r in cells_by_slide.get(slide["slide"], []) if not touches_border(_box(r), width, height, margin)]
+        truth = [a for a in annotations[name] if a.type in CELL_TYPES and not touches_border(a.box, width, height, margin)]
+        ignored = [a.box for a in annotations[name] if a.type in IGNORED_TYPES]
+        match = match_boxes([_box(r) for r in rows], [a.box for a in truth], ignored=ignored)
+        total = total + match
+        for predicted, true in match.pairs:
+            kind = "infected" if truth[true].type in INFECTED_TYPES else "uninfected"
+            calls[kind, rows[predicted]["label"]] += 1
+        per_slide.append({"slide": name, "found": match.tp + match.fp, "annotated": match.tp + match.fn,
+                          "tp": match.tp, "fp": match.fp, "fn": match.fn, "f1": round(match.f1, 4)})
+    if not per_slide:
+        raise ValueError(f"no slide of {results} is named in {annotations_path}")
+    positive = CLASSES[PARASITIZED]
+    infected = sum(v for (kind, _), v in calls.items() if kind == "infected")
+    uninfected = sum(v for (kind, _), v in calls.items() if kind == "uninfected")
+    report = {
+        "slides": len(per_slide),
+        "border_rule": f"boxes within {margin}px of the field edge dropped on both sides",
+        "detection": {"tp": total.tp, "fp": total.fp, "fn": total.fn, "precision": round(total.precision, 4),
+                      "recall": round(total.recall, 4), "f1": round(total.f1, 4)},
+        "infected_cells_found": infected,
+        "infected_called_parasitized": _ratio(calls["infected", positive], infected),
+        "uninfected_cells_found": uninfected,
+        "uninfected_called_parasitized": _ratio(calls["uninfected", positive], uninfected),
+        "per_slide": per_slide,
+    }
+    (results / "evaluation.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _box(row: dict) -> tuple[int, int, int, int]:
+    return (row["x"], row["y"], row["w"], row["h"])

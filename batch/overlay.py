@@ -1,0 +1,22 @@
+"""A PNG per slide with every cell's box coloured by its class, for people to check the job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cells.contract import CLASSES
+
+COLOURS = {"Parasitized": (230, 30, 30), "Uninfected": (30, 200, 60)}
+
+
+def draw_overlay(image: np.ndarray, cell_rows: list[dict], path: Path) -> Path:
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    for row in cell_rows:
+        box = (row["x"], row["y"], row["x"] + row["w"] - 1, row["y"] + row["h"] - 1)
+        draw.rectangle(box, outline=COLOURS[row["label"]], width=3 if row["label"] == CLASSES[0] else 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,0 +1,74 @@
+"""Per-slide CPU work, run in Ray workers: decode safely, find cells, cut crops."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from cells.contract import INPUT_SHAPE
+from cells.crop import cut_cell
+
+# Modes a smear photograph can honestly come in; anything else (float, 32-bit int, 1-bit) is refused.
+SUPPORTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"}
+DEFAULT_MAX_PIXELS = 50_000_000  # ~40x a 1280x960 field; larger is a decompression bomb or not a field
+
+
+class SlideError(ValueError):
+    """This image cannot be processed; the reason becomes the slide's error row."""
+
+
+@dataclass
+class SlideCells:
+    """What a worker sends back: one record per cell and the crops in the same order."""
+
+    width: int
+    height: int
+    boxes: np.ndarray  # int32 [N, 4]: x, y, w, h
+    areas: np.ndarray  # int32 [N]
+    crops: np.ndarray  # uint8 [N, 128, 128, 3]
+    image: np.ndarray | None = field(default=None, repr=False)  # kept only for overlays
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 array of an encoded image, or SlideError with a one-line reason."""
+    if not data:
+        raise SlideError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+                if pixels > max_pixels:
+                    raise SlideError(f"image too large: {image.width}x{image.height} = {pixels:,} pixels > {max_pixels:,}")
+                if image.mode not in SUPPORTED_MODES:
+                    raise SlideError(f"unsupported image mode {image.mode}")
+                image.load()
+                return np.asarray(image.convert("RGB"))
+    except SlideError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise SlideError(f"image too large: {error}") from error
+    except Image.UnidentifiedImageError as error:
+        raise SlideError("not an image (unrecognised format)") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise SlideError(f"corrupt or truncated image: {str(error).splitlines()[0][:160]}") from error
+
+
+def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_image: bool = False, keep_border: bool = False) -> SlideCells:
+    """Decode, find red cells and cut their crops with the shared crop function."""
+    from cells.find import find_cells  # scikit-image: imported by workers only
+
+    image = decode(data, max_pixels)
+    found = find_cells(image, keep_border=keep_border)
+    crops = np.stack([cut_cell(image, (c.x, c.y, c.w, c.h), c.mask) for c in found]) if found else np.zeros((0, *INPUT_SHAPE), np.uint8)
+    return SlideCells(
+        width=image.shape[1],
+        height=image.shape[0],
+        boxes=np.array([[c.x, c.y, c.w, c.h] for c in found], dtype=np.int32).reshape(-1, 4),
+        areas=np.array([c.area for c in found], dtype=np.int32),
+        crops=crops,
+        image=image if keep_image else None,
+    )
