@@ -1,0 +1,188 @@
+"""The batch job end to end: real local Ray, real embedded Triton, real fixture fields."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from deploy.server import free_port
+from tests.conftest import FIXTURES, run_cli
+
+pytestmark = pytest.mark.slow
+FIELDS = FIXTURES / "smears"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The fixture fields, plus one of each kind of bad input and an archive holding a field."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for field in sorted(FIELDS.glob("*.JPG")):
+        shutil.copy(field, folder / field.name)
+    first = sorted(FIELDS.glob("*.JPG"))[0].read_bytes()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(first[:4000])
+    (folder / "text.png").write_text("not an image")
+    import zipfile
+
+    with zipfile.ZipFile(folder / "archive.zip", "w") as archive:
+        archive.writestr("inner/field.jpg", first)
+    return folder
+
+
+def _tables(output: Path):
+    return pq.read_table(output / "cells.parquet").to_pylist(), pq.read_table(output / "slides.parquet").to_pylist()
+
+
+def _check_consistent(output: Path) -> tuple[list, list]:
+    cells, slides = _tables(output)
+    assert len({s["slide"] for s in slides}) == len(slides)  # each slide once
+    assert len({(c["slide"], c["cell_id"]) for c in cells}) == len(cells)  # each cell once
+    for slide in slides:
+        mine = [c for c in cells if c["slide"] == slide["slide"]]
+        assert slide["cells"] == len(mine)
+        parasitized = sum(c["label"] == "Parasitized" for c in mine)
+        assert slide["parasitized"] == parasitized
+        expected = 100 * parasitized / len(mine) if mine else 0.0
+        assert slide["parasitemia_pct"] == pytest.approx(expected)
+        for c in mine:
+            assert 0 <= c["x"] and c["x"] + c["w"] <= slide["width"] and 0 <= c["y"] and c["y"] + c["h"] <= slide["height"]
+            assert (c["label"] == "Parasitized") == (c["p_parasitized"] > 0.5)
+    return cells, slides
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory, inputs, repository):
+    output = tmp_path_factory.mktemp("out")
+    result = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository),
+                     "--overlays", timeout=900)
+    return output, result
+
+
+def test_embedded_default_writes_every_output(embedded_run):
+    output, result = embedded_run
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    cells, slides = _check_consistent(output)
+    ok = [s for s in slides if s["status"] == "ok"]
+    assert len(ok) == len(list(FIELDS.glob("*.JPG"))) + 1  # + the archive member
+    assert all(s["cells"] >= 40 for s in ok)  # each fixture field holds ~100 red cells
+    errors = {Path(s["slide"]).name: s["error"] for s in slides if s["status"] == "error"}
+    assert "empty file" in errors["zero.jpg"]
+    assert "corrupt or truncated" in errors["truncated.jpg"]
+    assert "not an image" in errors["text.png"]
+    report = json.loads((output / "run.json").read_text())
+    assert report["embedded_triton"] and report["cells"] == len(cells) and report["slides_error"] == 3
+    assert (output / "slides.csv").read_text().startswith("\"slide\"")
+    assert len(list((output / "overlays").glob("*.png"))) == len(ok)
+    assert "parasitemia %" in result.stdout
+
+
+def test_rerun_skips_finished_slides(embedded_run, inputs, repository, tmp_path):
+    output, _ = embedded_run
+    before = _tables(output)
+    again = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository), timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = json.loads((output / "run.json").read_text())
+    assert report["slides_processed_this_run"] == 0 and report["slides_skipped_as_finished"] == len(before[1])
+    assert _tables(output) == before
+
+
+def test_resume_after_a_killed_run(inputs, repository, tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for copy in range(4):
+        for field in sorted(FIELDS.glob("*.JPG")):
+            shutil.copy(field, many / f"{copy}-{field.name}")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "smearscope", "run", "--input", str(many), "--output", str(output),
+               "--repository", str(repository), "--max-pending", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((output / "parts").glob("*.json"))) < 2:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = len(list((output / "parts").glob("*.json")))
+    assert 2 <= finished < 12, "the run was not interrupted mid-way"
+    resumed = run_cli("run", "--input", str(many), "--output", str(output), "--repository", str(repository), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((output / "run.json").read_text())
+    assert report["slides_skipped_as_finished"] == finished
+    assert report["slides_processed_this_run"] == 12 - finished
+    _, slides = _check_consistent(output)
+    assert len(slides) == 12 and all(s["status"] == "ok" for s in slides)
+
+
+def test_nothing_processable_exits_nonzero(tmp_path, repository):
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    result = run_cli("run", "--input", str(tmp_path / "bad.jpg"), "--output", str(tmp_path / "out"),
+                     "--repository", str(repository), timeout=600)
+    assert result.returncode != 0
+    missing = run_cli("run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out2"), timeout=60)
+    assert missing.returncode != 0 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _wait_http(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def test_ray_job_submit_against_a_head_node(server, tmp_path):
+    """A real `ray start --head` on loopback ports, stopped by its PID (never `ray stop`)."""
+    bin_dir = Path(sys.executable).parent
+    dashboard = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
+    env.pop("RAY_ADDRESS", None)
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's Unix sockets live under it
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
+         "--temp-dir", ray_temp],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    output = tmp_path / "out"
+    try:
+        _wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+             "--submission-id", "smearscope-test", "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
+             "--", "python", "batch/run.py", "--input", str(FIELDS), "--output", str(output),
+             "--triton-url", server.grpc_url],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
+        status = subprocess.run(
+            [str(bin_dir / "ray"), "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "smearscope-test"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert "Job 'smearscope-test' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
+        assert "slides (" in submit.stdout  # the job's own summary line, streamed from its logs
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    _, slides = _check_consistent(output)
+    assert len(slides) == len(list(FIELDS.glob("*.JPG"))) and all(s["status"] == "ok" for s in slides)
+    report = json.loads((output / "run.json").read_text())
+    assert report["triton_urls"] == [server.grpc_url] and not report["embedded_triton"]
