@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from cells.contract import INPUT_SHAPE
-from cells.crop import cut_cell
 
 # Modes a smear photograph can honestly come in; anything else (float, 32-bit int, 1-bit) is refused.
 SUPPORTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"}
@@ -59,11 +57,11 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_image: bool = False, keep_border: bool = False) -> SlideCells:
     """Decode, find red cells and cut their crops with the shared crop function."""
-    from cells.find import find_cells  # scikit-image: imported by workers only
+    from cells.find import cell_crops, find_cells  # scikit-image: imported by workers only
 
     image = decode(data, max_pixels)
     found = find_cells(image, keep_border=keep_border)
-    crops = np.stack([cut_cell(image, (c.x, c.y, c.w, c.h), c.mask) for c in found]) if found else np.zeros((0, *INPUT_SHAPE), np.uint8)
+    crops = cell_crops(image, found)
     return SlideCells(
         width=image.shape[1],
         height=image.shape[0],
