@@ -96,6 +96,7 @@ def export(options: ExportOptions) -> dict:
 
     from cells.runtime import OnnxClassifier
     from train.data import list_samples, load_cells
+    from train.evaluate import keras_predictor
 
     started = time.monotonic()
     model_path = Path(options.model)
@@ -118,7 +119,7 @@ def export(options: ExportOptions) -> dict:
         _log(f"ONNX FP16 written: {fp16_path} ({fp16_path.stat().st_size / 1e6:.1f} MB)")
 
     cells = load_cells(list_samples(options.parity_data))
-    reference = np.asarray(model(cells.images, training=False))
+    reference = keras_predictor(model)(cells.images)
     fp32 = parity(reference, OnnxClassifier(fp32_path)(cells.images))
     fp16 = parity(reference, OnnxClassifier(fp16_path)(cells.images)) if fp16_path else None
     _log(f"parity on {len(cells.labels)} cells of {options.parity_data}: FP32 {fp32}" + (f", FP16 {fp16}" if fp16 else ""))
