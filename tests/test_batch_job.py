@@ -186,3 +186,17 @@ def test_ray_job_submit_against_a_head_node(server, tmp_path):
     assert len(slides) == len(list(FIELDS.glob("*.JPG"))) and all(s["status"] == "ok" for s in slides)
     report = json.loads((output / "run.json").read_text())
     assert report["triton_urls"] == [server.grpc_url] and not report["embedded_triton"]
+
+
+def test_evaluate_slides_scores_the_run_against_annotations(embedded_run):
+    output, _ = embedded_run
+    result = run_cli("evaluate-slides", "--results", str(output), "--annotations", str(FIELDS / "annotations.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((output / "evaluation.json").read_text())
+    assert report["slides"] == 3  # the archive member's name is not annotated
+    detection = report["detection"]
+    assert detection["f1"] >= 0.93  # measured 0.960 on these three fields
+    assert detection["tp"] + detection["fn"] >= 300
+    assert report["infected_cells_found"] >= 9  # 10 of 11 annotated infected cells are found
+    for share in ("infected_called_parasitized", "uninfected_called_parasitized"):
+        assert 0.0 <= report[share] <= 1.0
