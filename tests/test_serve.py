@@ -2,6 +2,7 @@
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,9 @@ def test_shutdown_leaves_no_process_or_shared_memory(repository, signum):
     assert list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
     running.process.send_signal(signum)
     assert running.process.wait(30) == 0
+    deadline = time.monotonic() + 10  # children already told to exit may take a moment to be reaped
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not _group_alive(pid)
     assert not list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
 
