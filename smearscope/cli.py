@@ -22,7 +22,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if args.data is None or args.out is None:
         raise ValueError("--data and --out are required (or use --dry-run)")
-    from train.fit import TrainConfig, train
+    from train.fit import train
+    from train.recipe import TrainConfig
 
     train(
         TrainConfig(

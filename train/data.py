@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cells.contract import CLASSES, PARASITIZED
+from cells.contract import CLASSES
 from cells.crop import crop_cell
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,60 +15,22 @@ from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
 from train.model import build_model
 from train.plots import plot_curves
+from train.recipe import STATE, Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, read_history
 
 CHECKPOINT = "checkpoint.keras"
 BEST = "best.keras"
-STATE = "state.json"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    data: Path
-    out: Path
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    min_learning_rate: float = 1e-5
-    warmup_epochs: int = 1
-    split: str = "patient"
-    val_fraction: float = 0.3
-    seed: int = 42
-    weights: str = "none"
-    class_weight: bool = True
-    steps_per_epoch: int | None = None
-    validation_steps: int | None = None
-    resume: bool = False
-
-
-def augmentation(seed: int) -> keras.Sequential:
-    """The tutorial's ImageDataGenerator settings as Keras 3 layers (training pipeline only).
-
-    Filled with black rather than 'nearest', since the NIH crops sit on black backgrounds.
-    """
-    fill = {"fill_mode": "constant", "fill_value": 0.0}
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(20 / 360, seed=seed, **fill),
-            keras.layers.RandomZoom(0.05, seed=seed + 1, **fill),
-            keras.layers.RandomTranslation(0.05, 0.05, seed=seed + 2, **fill),
-            keras.layers.RandomShear(x_factor=0.05, y_factor=0.05, seed=seed + 3, **fill),
-            keras.layers.RandomFlip("horizontal", seed=seed + 4),
-        ],
-        name="augmentation",
-    )
 
 
 def make_dataset(cells: CellSet, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
-    """uint8 crops and one-hot labels; augmented in float, then rounded back to the uint8 contract."""
+    """uint8 crops and one-hot labels, the training ones shuffled, repeated and augmented."""
     onehot = np.eye(len(CLASSES), dtype=np.float32)[cells.labels]
     dataset = tf.data.Dataset.from_tensor_slices((cells.images, onehot)).cache()
     if not training:
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    augment = augmentation(seed)
+    augment = Augment(seed)
 
     def augment_batch(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        moved = augment(tf.cast(images, tf.float32), training=True)
-        return tf.cast(tf.clip_by_value(tf.round(moved), 0, 255), tf.uint8), labels
+        return augment(images, training=True), labels
 
     return (
         dataset.shuffle(len(cells.labels), seed=seed, reshuffle_each_iteration=True)
@@ -78,46 +39,6 @@ def make_dataset(cells: CellSet, batch_size: int, training: bool, seed: int) -> 
         .map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
-
-
-def learning_rate_at(epoch: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_learning_rate; a function of the epoch, so resume is exact."""
-    if epoch < config.warmup_epochs:
-        return config.learning_rate * (epoch + 1) / (config.warmup_epochs + 1)
-    span = max(1, config.epochs - config.warmup_epochs)
-    progress = min(1.0, (epoch - config.warmup_epochs) / span)
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
-
-
-class EpochState(keras.callbacks.Callback):
-    """Records the finished epoch after the checkpoint is written, so --resume knows where to start."""
-
-    def __init__(self, out: Path) -> None:
-        super().__init__()
-        self.out = out
-        self.started = time.monotonic()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        (self.out / STATE).write_text(json.dumps({"epochs_done": epoch + 1}))
-        logs = logs or {}
-        summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if isinstance(v, float))
-        print(f"epoch {epoch + 1} done in {time.monotonic() - self.started:.0f}s: {summary}", flush=True)
-        self.started = time.monotonic()
-
-
-def compile_model(model: keras.Model, learning_rate: float) -> None:
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.AUC(name="auc")],
-    )
-
-
-def class_weights(labels: np.ndarray) -> dict[int, float]:
-    """Inverse-frequency weights, normalised to mean 1 over the training images."""
-    counts = np.bincount(labels, minlength=len(CLASSES))
-    return {i: float(len(labels) / (len(CLASSES) * c)) for i, c in enumerate(counts) if c}
 
 
 def train(config: TrainConfig) -> dict:
@@ -178,7 +99,7 @@ def train(config: TrainConfig) -> dict:
             ],
         )
 
-    history = _read_history(out / "history.csv")
+    history = read_history(out / "history.csv")
     plot_curves(history, out / "curves.png")
     best = keras.models.load_model(out / BEST) if (out / BEST).is_file() else model
     best.save(out / "model.keras")
@@ -186,11 +107,3 @@ def train(config: TrainConfig) -> dict:
     metrics = write_evaluation(keras_predictor(best), val_cells, out, extra={"split": config.split, "epochs": config.epochs})
     print(f"wrote {out}/model.keras; validation accuracy {metrics['accuracy']:.4f}", flush=True)
     return metrics
-
-
-def _read_history(path: Path) -> dict[str, list[float]]:
-    if not path.is_file():
-        return {}
-    rows = np.genfromtxt(path, delimiter=",", names=True)
-    rows = np.atleast_1d(rows)
-    return {name: rows[name].tolist() for name in rows.dtype.names}
