@@ -10,12 +10,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cells.contract import CLASSES, write_labels
+from cells.contract import write_labels
 from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
 from train.model import build_model
 from train.plots import plot_curves
-from train.recipe import STATE, Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, read_history
+from train.recipe import STATE, Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot, read_history
 
 CHECKPOINT = "checkpoint.keras"
 BEST = "best.keras"
@@ -23,8 +23,7 @@ BEST = "best.keras"
 
 def make_dataset(cells: CellSet, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
     """uint8 crops and one-hot labels, the training ones shuffled, repeated and augmented."""
-    onehot = np.eye(len(CLASSES), dtype=np.float32)[cells.labels]
-    dataset = tf.data.Dataset.from_tensor_slices((cells.images, onehot)).cache()
+    dataset = tf.data.Dataset.from_tensor_slices((cells.images, one_hot(cells.labels))).cache()
     if not training:
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     augment = Augment(seed)

@@ -39,8 +39,8 @@ class Augment(keras.layers.Layer):
 
     Filled with black rather than 'nearest', since the NIH crops sit on black backgrounds. Moved
     pixels are rounded back to uint8, so the model always sees its serving contract. One layer for
-    both trainers: mapped over tf.data here (train/fit.py), inside the jitted step on an
-    accelerator (train/remote.py).
+    both trainers: mapped over tf.data (train/fit.py), called on each batch before the jitted
+    train step on an accelerator (train/remote.py).
     """
 
     def __init__(self, seed: int, **kwargs) -> None:
@@ -85,6 +85,11 @@ class EpochState(keras.callbacks.Callback):
         summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if isinstance(v, float))
         print(f"epoch {epoch + 1} done in {time.monotonic() - self.started:.0f}s: {summary}", flush=True)
         self.started = time.monotonic()
+
+
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """Class indices (CLASSES order) as float32 one-hot rows, the categorical loss's targets."""
+    return np.eye(len(CLASSES), dtype=np.float32)[labels]
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:

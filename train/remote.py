@@ -30,12 +30,11 @@ from cells.contract import CLASSES
 from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
 from train.model import build_model
-from train.recipe import Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at
+from train.recipe import Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot
 
 PARTS = ("train", "val")
 SHARD_BYTES = 15 * 2**20  # the host returns files of at most 16 MiB
 FLOAT16_MAX = 65504.0
-ONE_HOT = np.eye(len(CLASSES), dtype=np.float32)
 
 
 def pack(data: Path, out: Path, config: TrainConfig, quality: int = 95) -> dict:
@@ -144,7 +143,7 @@ class AugmentedBatches(keras.utils.PyDataset):
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         images = keras.ops.convert_to_numpy(self.augment(self.images[rows], training=True))
         labels = self.labels[rows]
-        return images, ONE_HOT[labels], self.weights[labels]
+        return images, one_hot(labels), self.weights[labels]
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(len(self.labels))
@@ -163,7 +162,7 @@ def fit(pack_path: Path, out: Path, config: TrainConfig, budget_s: float, reserv
     model.fit(
         AugmentedBatches(train_cells, config.batch_size, config.seed, weights),
         epochs=config.epochs,
-        validation_data=(val_cells.images, ONE_HOT[val_cells.labels]),
+        validation_data=(val_cells.images, one_hot(val_cells.labels)),
         validation_batch_size=256,
         verbose=2,
         callbacks=[
@@ -173,8 +172,12 @@ def fit(pack_path: Path, out: Path, config: TrainConfig, budget_s: float, reserv
             FitToBudget(config, budget_s, reserve_s),
         ],
     )
-    extra = {"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)), "backend": keras.backend.backend(), "split": info["split"]}
-    extra["train_wall_s"] = round(time.monotonic() - started, 1)
+    extra = {
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "backend": keras.backend.backend(),
+        "split": info["split"],
+        "train_wall_s": round(time.monotonic() - started, 1),
+    }
     metrics = write_evaluation(keras_predictor(model, batch_size=256), val_cells, out, extra=extra)
     save_shards(model, out)
     return metrics
