@@ -6,13 +6,15 @@ are only comparable when every run leaves out the same boxes.
 
     python -m cells.detection_eval --images DIR --annotations FILE
 
-prints found vs annotated per field, then overall P/R/F1 and mean seconds per field.
+prints found vs annotated per field, then overall P/R/F1, what the errors are
+(`explain_errors`) and mean seconds per field.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ class Match:
     fp: int
     fn: int
     pairs: tuple[tuple[int, int], ...] = ()  # (predicted index, true index) of each TP
+    false_positives: tuple[int, ...] = ()  # predicted index of each FP
 
     def __add__(self, other: Match) -> Match:
         """Counts summed over fields (pairs index one field, so they are not carried)."""
@@ -65,8 +68,8 @@ class Match:
         return 2 * self.tp / total if total else 1.0
 
 
-def iou_matrix(first: Sequence[Box], second: Sequence[Box]) -> np.ndarray:
-    """IoU of every box in `first` with every box in `second`, shape [len(first), len(second)]."""
+def _areas(first: Sequence[Box], second: Sequence[Box]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intersections [len(first), len(second)] and the two boxes' areas, broadcast to that shape."""
     a = np.asarray(first, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(second, dtype=np.float64).reshape(-1, 4)
     inter_w = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2]) - np.maximum(
@@ -76,8 +79,20 @@ def iou_matrix(first: Sequence[Box], second: Sequence[Box]) -> np.ndarray:
         a[:, None, 1], b[None, :, 1]
     )
     inter = np.clip(inter_w, 0, None) * np.clip(inter_h, 0, None)
-    union = (a[:, None, 2] * a[:, None, 3]) + (b[None, :, 2] * b[None, :, 3]) - inter
+    return inter, np.broadcast_to(a[:, None, 2] * a[:, None, 3], inter.shape), np.broadcast_to(b[None, :, 2] * b[None, :, 3], inter.shape)
+
+
+def iou_matrix(first: Sequence[Box], second: Sequence[Box]) -> np.ndarray:
+    """IoU of every box in `first` with every box in `second`, shape [len(first), len(second)]."""
+    inter, area_first, area_second = _areas(first, second)
+    union = area_first + area_second - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def covered_matrix(first: Sequence[Box], second: Sequence[Box]) -> np.ndarray:
+    """Share of each box in `second` that lies inside each box in `first`, [len(first), len(second)]."""
+    inter, _, area_second = _areas(first, second)
+    return np.divide(inter, area_second, out=np.zeros_like(inter), where=area_second > 0)
 
 
 def _greedy_pairs(ious: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
@@ -122,7 +137,13 @@ def match_boxes(
         left[[row for row, _ in _greedy_pairs(ious, min_iou)]] = False
     if predicted_optional is not None:
         left &= ~np.asarray(predicted_optional, dtype=bool)
-    return Match(tp=len(pairs), fp=int(left.sum()), fn=len(true) - len(pairs), pairs=tuple(pairs))
+    return Match(
+        tp=len(pairs),
+        fp=int(left.sum()),
+        fn=len(true) - len(pairs),
+        pairs=tuple(pairs),
+        false_positives=tuple(np.flatnonzero(left).tolist()),
+    )
 
 
 def touches_border(box: Box, width: int, height: int, margin: int = BORDER_MARGIN) -> bool:
@@ -161,6 +182,53 @@ def score_field(
         ignored=unsure + [box for box in cells if border(box)],
         predicted_optional=[border(box) for box in predicted],
     )
+
+
+MERGE_COVER = 0.6  # a box holding this much of two annotated cells holds both
+
+
+def explain_errors(
+    predicted: Sequence[Box],
+    annotated: Sequence[AnnotatedBox],
+    width: int,
+    height: int,
+    margin: int = BORDER_MARGIN,
+) -> Counter[str]:
+    """What each FP and FN of `score_field` is, so a detector's errors can be told from gaps in the annotation.
+
+    FP: "fp merged" holds >= 60% of two or more annotated cells; "fp misfit" best overlaps an
+    annotated cell nothing matched (IoU < 0.5: too big, too small or off); "fp fragment" lies
+    mostly inside a cell another box matched; "fp outside annotations" lies mostly outside every
+    annotated cell, an object nobody boxed (in IML mostly unannotated red cells).
+    FN: "fn merged" sits >= 60% inside a predicted box that holds another annotated cell too,
+    "fn missed" overlaps no predicted box, "fn misfit" the rest.
+    """
+    match = score_field(predicted, annotated, width, height, margin)
+    every_cell = [a.box for a in annotated if a.type in CELL_TYPES]
+    clear = [box for box in every_cell if not touches_border(box, width, height, margin)]
+    holds = covered_matrix(predicted, every_cell) >= MERGE_COVER  # [predicted, every annotated cell]
+    matched_true = {true for _, true in match.pairs}
+    ious = iou_matrix(predicted, clear)
+    inside = covered_matrix(every_cell, predicted)  # [every annotated cell, predicted]
+    errors: Counter[str] = Counter()
+    for index in match.false_positives:
+        if holds[index].sum() >= 2:
+            errors["fp merged"] += 1
+        elif len(clear) and ious[index].max() > 0 and int(ious[index].argmax()) not in matched_true:
+            errors["fp misfit"] += 1
+        elif len(every_cell) and inside[:, index].max() > 0.5:
+            errors["fp fragment"] += 1
+        else:
+            errors["fp outside annotations"] += 1
+    clear_holds = covered_matrix(predicted, clear) >= MERGE_COVER
+    for true in sorted(set(range(len(clear))) - matched_true):
+        if any(holds[index].sum() >= 2 for index in np.flatnonzero(clear_holds[:, true])):
+            errors["fn merged"] += 1
+        elif not len(predicted) or ious[:, true].max() == 0:
+            errors["fn missed"] += 1
+        else:
+            errors["fn misfit"] += 1
+    return errors
 
 
 def infected_found(
@@ -204,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     annotations = load_annotations(args.annotations)
     total = Match(0, 0, 0)
+    errors: Counter[str] = Counter()
     infected = np.zeros(2, dtype=int)
     seconds = 0.0
     print(f"{'field':<16}{'found':>6}{'annot':>6}{'TP':>6}{'FP':>5}{'FN':>5}{'F1':>7}")
@@ -215,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds += time.perf_counter() - start
         match = score_field(boxes, annotations[name], width, height, args.margin)
         infected += infected_found(boxes, annotations[name])
+        errors += explain_errors(boxes, annotations[name], width, height, args.margin)
         total = total + match
         print(
             f"{name:<16}{match.tp + match.fp:>6}{match.tp + match.fn:>6}"
@@ -225,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  FN {total.fn}  precision {total.precision:.4f}  recall {total.recall:.4f}"
         f"  F1 {total.f1:.4f}"
     )
+    print("errors: " + ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items())))
     print(f"infected cells found (IoU >= {MIN_IOU}, border included): {infected[0]}/{infected[1]}")
     print(f"mean seconds per field (find_cells only): {seconds / max(len(annotations), 1):.3f}")
     return 0

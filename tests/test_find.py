@@ -13,6 +13,7 @@ from cells.detection_eval import (
     infected_found,
     load_annotations,
     load_rgb,
+    explain_errors,
     match_boxes,
     score_field,
 )
@@ -170,6 +171,35 @@ def test_border_rule_is_dont_care_on_both_sides():
     assert (match.tp, match.fp, match.fn) == (1, 0, 0)
     missed = score_field([], annotated, width, height)
     assert (missed.tp, missed.fp, missed.fn) == (0, 0, 1)
+
+
+def test_explain_errors_names_each_kind_of_error():
+    def cell(x: int, y: int, w: int = 20, h: int = 20) -> AnnotatedBox:
+        return AnnotatedBox((x, y, w, h), "red blood cell")
+
+    annotated = [
+        cell(10, 10), cell(28, 10),  # an overlapping pair, found as one box matched to the first
+        cell(100, 10), cell(120, 10),  # a touching pair, found as one box matched to neither
+        cell(10, 100),  # found as a box a quarter its size
+        cell(100, 100),  # found, plus a fragment inside it
+        cell(60, 150),  # not found
+    ]
+    predicted = [
+        (10, 10, 38, 20),
+        (98, 8, 44, 24),
+        (10, 100, 10, 10),
+        (100, 100, 20, 20),
+        (105, 105, 8, 8),
+        (150, 150, 20, 20),  # nothing annotated there
+    ]
+    errors = explain_errors(predicted, annotated, 200, 200)
+    assert errors == {
+        "fp merged": 1, "fp misfit": 1, "fp fragment": 1, "fp outside annotations": 1,
+        "fn merged": 3, "fn misfit": 1, "fn missed": 1,
+    }
+    match = score_field(predicted, annotated, 200, 200)
+    assert (match.fp, match.fn) == (4, 5)
+    assert explain_errors([], annotated, 200, 200) == {"fn missed": 7}
 
 
 @pytest.mark.parametrize(
