@@ -1,8 +1,9 @@
 """`smearscope evaluate-slides`: a batch run's cells against IML-format annotations.
 
-Detection is scored with the shared matcher and border rule (cells.detection_eval); classification
-is reported for the annotated cells the run found: the share of infected cells (ring, trophozoite,
-schizont, gametocyte) called Parasitized, and the share of uninfected red cells called Parasitized.
+Detection is scored with the shared matcher, border rule and error kinds (cells.detection_eval);
+classification is reported for the annotated cells the run found: the share of infected cells
+(ring, trophozoite, schizont, gametocyte) called Parasitized, and the share of uninfected red
+cells called Parasitized.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from cells.detection_eval import (
     CELL_TYPES,
     INFECTED_TYPES,
     Match,
+    explain_errors,
     load_annotations,
     score_field,
     touches_border,
@@ -39,6 +41,7 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         cells_by_slide.setdefault(row["slide"], []).append(row)
 
     total = Match(0, 0, 0)
+    errors: Counter[str] = Counter()
     calls: Counter[tuple[str, str]] = Counter()  # (annotated kind, predicted label)
     per_slide = []
     for slide in slides:
@@ -47,7 +50,9 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
             continue
         width, height = slide["width"], slide["height"]
         rows = cells_by_slide.get(slide["slide"], [])
-        match = score_field([_box(r) for r in rows], annotations[name], width, height, margin)
+        boxes = [_box(r) for r in rows]
+        match = score_field(boxes, annotations[name], width, height, margin)
+        errors += explain_errors(boxes, annotations[name], width, height, margin)
         # score_field's true indices count the annotated cells clear of the edge, in file order
         truth = [a for a in annotations[name] if a.type in CELL_TYPES and not touches_border(a.box, width, height, margin)]
         total = total + match
@@ -65,7 +70,7 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         "slides": len(per_slide),
         "border_rule": f"boxes within {margin}px of the field edge are don't-care on both sides (cells.detection_eval.score_field)",
         "detection": {"tp": total.tp, "fp": total.fp, "fn": total.fn, "precision": round(total.precision, 4),
-                      "recall": round(total.recall, 4), "f1": round(total.f1, 4)},
+                      "recall": round(total.recall, 4), "f1": round(total.f1, 4), "errors": dict(sorted(errors.items()))},
         "infected_cells_found": infected,
         "infected_called_parasitized": _ratio(calls["infected", positive], infected),
         "uninfected_cells_found": uninfected,

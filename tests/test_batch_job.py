@@ -197,6 +197,9 @@ def test_evaluate_slides_scores_the_run_against_annotations(embedded_run):
     detection = report["detection"]
     assert detection["f1"] >= 0.93  # measured 0.960 on these three fields
     assert detection["tp"] + detection["fn"] >= 300
+    kinds = detection["errors"]
+    assert sum(v for k, v in kinds.items() if k.startswith("fp")) == detection["fp"]
+    assert sum(v for k, v in kinds.items() if k.startswith("fn")) == detection["fn"]
     assert report["infected_cells_found"] >= 9  # 10 of 11 annotated infected cells are found
     for share in ("infected_called_parasitized", "uninfected_called_parasitized"):
         assert 0.0 <= report[share] <= 1.0
