@@ -79,7 +79,9 @@ def _areas(first: Sequence[Box], second: Sequence[Box]) -> tuple[np.ndarray, np.
         a[:, None, 1], b[None, :, 1]
     )
     inter = np.clip(inter_w, 0, None) * np.clip(inter_h, 0, None)
-    return inter, np.broadcast_to(a[:, None, 2] * a[:, None, 3], inter.shape), np.broadcast_to(b[None, :, 2] * b[None, :, 3], inter.shape)
+    area_a = np.broadcast_to(a[:, None, 2] * a[:, None, 3], inter.shape)
+    area_b = np.broadcast_to(b[None, :, 2] * b[None, :, 3], inter.shape)
+    return inter, area_a, area_b
 
 
 def iou_matrix(first: Sequence[Box], second: Sequence[Box]) -> np.ndarray:
@@ -194,7 +196,7 @@ def explain_errors(
     height: int,
     margin: int = BORDER_MARGIN,
 ) -> Counter[str]:
-    """What each FP and FN of `score_field` is, so a detector's errors can be told from gaps in the annotation.
+    """What each FP and FN of `score_field` is, so detector errors can be told from annotation gaps.
 
     FP: "fp merged" holds >= 60% of two or more annotated cells; "fp misfit" best overlaps an
     annotated cell nothing matched (IoU < 0.5: too big, too small or off); "fp fragment" lies
