@@ -36,6 +36,7 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     threads: int = 0
+    parent_pid: int | None = None  # shut down once this process (the launcher) is gone
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -127,4 +128,8 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         while not stop.wait(1.0):
             if not triton.is_alive():
                 raise ServeError("Triton stopped unexpectedly")
+            if options.parent_pid is not None and os.getppid() != options.parent_pid:
+                # Orphaned: the launcher was killed (SIGKILL, OOM) before it could stop us.
+                print("launcher process gone", flush=True)
+                break
         print("shutting down", flush=True)

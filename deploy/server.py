@@ -61,6 +61,7 @@ class EmbeddedServer:
             sys.executable, "-m", "smearscope", "serve", "--repository", str(self.repository), "--name", self.name,
             "--host", self.host, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--threads", str(self.threads),
+            "--parent-pid", str(os.getpid()),  # a killed launcher must not leave its server running
         ]
         env = {**os.environ, ACCESS_TOKEN_ENV: self.access_token}
         self.process = subprocess.Popen(

@@ -100,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
             threads=args.threads,
+            parent_pid=args.parent_pid,
         )
     )
     return 0
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    serve.add_argument("--parent-pid", type=int, help="shut down when this process is no longer our parent")
     serve.set_defaults(run=_serve)
 
     from batch.run import build_parser as batch_parser

@@ -2,6 +2,8 @@
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,11 +164,15 @@ def test_client_fails_over_from_a_killed_server(server, repository, crops, expec
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether any process of the group still runs; zombies waiting for a reaper do not count."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -181,6 +187,26 @@ def test_shutdown_leaves_no_process_or_shared_memory(repository, signum):
         time.sleep(0.2)
     assert not _group_alive(pid)
     assert not list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
+
+
+def test_server_exits_when_its_launcher_is_killed(repository):
+    # As when a batch run is killed with SIGKILL: nothing in the launcher gets to stop the server.
+    script = ("import sys, time; from deploy.server import EmbeddedServer; "
+              "print(EmbeddedServer(sys.argv[1]).start().process.pid, flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(repository)], stdout=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    server_pid = int(launcher.stdout.readline())
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while _group_alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(server_pid)
+        assert not list(Path("/dev/shm").glob(f"pytrtion{server_pid}-*"))
+    finally:
+        if _group_alive(server_pid):
+            os.killpg(server_pid, signal.SIGKILL)
 
 
 def test_busy_port_and_missing_model_are_one_line_errors(repository, tmp_path):
