@@ -14,13 +14,12 @@ from pathlib import Path
 from cells.contract import CLASSES, PARASITIZED
 from cells.detection_eval import (
     BORDER_MARGIN,
-    CELL_TYPES,
     INFECTED_TYPES,
     Match,
+    clear_cells,
     explain_errors,
     load_annotations,
     score_field,
-    touches_border,
 )
 
 
@@ -52,9 +51,8 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         rows = cells_by_slide.get(slide["slide"], [])
         boxes = [_box(r) for r in rows]
         match = score_field(boxes, annotations[name], width, height, margin)
-        errors += explain_errors(boxes, annotations[name], width, height, margin)
-        # score_field's true indices count the annotated cells clear of the edge, in file order
-        truth = [a for a in annotations[name] if a.type in CELL_TYPES and not touches_border(a.box, width, height, margin)]
+        errors += explain_errors(boxes, annotations[name], match, width, height, margin)
+        truth = clear_cells(annotations[name], width, height, margin)
         total = total + match
         for predicted, true in match.pairs:
             kind = "infected" if truth[true].type in INFECTED_TYPES else "uninfected"

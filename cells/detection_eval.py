@@ -154,6 +154,16 @@ def touches_border(box: Box, width: int, height: int, margin: int = BORDER_MARGI
     return x <= margin or y <= margin or x + w >= width - margin or y + h >= height - margin
 
 
+def clear_cells(
+    annotated: Sequence[AnnotatedBox], width: int, height: int, margin: int = BORDER_MARGIN
+) -> list[AnnotatedBox]:
+    """The annotated cells that must be found: clear of the field edge, in file order.
+
+    `score_field` matches against exactly these, so a `Match`'s true indices index this list.
+    """
+    return [a for a in annotated if a.type in CELL_TYPES and not touches_border(a.box, width, height, margin)]
+
+
 def score_field(
     predicted: Sequence[Box],
     annotated: Sequence[AnnotatedBox],
@@ -176,12 +186,12 @@ def score_field(
     def border(box: Box) -> bool:
         return touches_border(box, width, height, margin)
 
-    cells = [a.box for a in annotated if a.type in CELL_TYPES]
+    cut = [a.box for a in annotated if a.type in CELL_TYPES and border(a.box)]
     unsure = [a.box for a in annotated if a.type in IGNORED_TYPES]
     return match_boxes(
         predicted,
-        [box for box in cells if not border(box)],
-        ignored=unsure + [box for box in cells if border(box)],
+        [a.box for a in clear_cells(annotated, width, height, margin)],
+        ignored=unsure + cut,
         predicted_optional=[border(box) for box in predicted],
     )
 
@@ -192,11 +202,13 @@ MERGE_COVER = 0.6  # a box holding this much of two annotated cells holds both
 def explain_errors(
     predicted: Sequence[Box],
     annotated: Sequence[AnnotatedBox],
+    match: Match,
     width: int,
     height: int,
     margin: int = BORDER_MARGIN,
 ) -> Counter[str]:
-    """What each FP and FN of `score_field` is, so detector errors can be told from annotation gaps.
+    """What each FP and FN in `match` (from `score_field`, same arguments) is, so detector errors
+    can be told from annotation gaps.
 
     FP: "fp merged" holds >= 60% of two or more annotated cells; "fp misfit" best overlaps an
     annotated cell nothing matched (IoU < 0.5: too big, too small or off); "fp fragment" lies
@@ -205,16 +217,15 @@ def explain_errors(
     FN: "fn merged" sits >= 60% inside a predicted box that holds another annotated cell too,
     "fn missed" overlaps no predicted box, "fn misfit" the rest.
     """
-    match = score_field(predicted, annotated, width, height, margin)
     every_cell = [a.box for a in annotated if a.type in CELL_TYPES]
-    clear = [box for box in every_cell if not touches_border(box, width, height, margin)]
-    holds = covered_matrix(predicted, every_cell) >= MERGE_COVER  # [predicted, every annotated cell]
+    clear = [a.box for a in clear_cells(annotated, width, height, margin)]
+    merges = (covered_matrix(predicted, every_cell) >= MERGE_COVER).sum(axis=1) >= 2  # per predicted box
     matched_true = {true for _, true in match.pairs}
     ious = iou_matrix(predicted, clear)
     inside = covered_matrix(every_cell, predicted)  # [every annotated cell, predicted]
     errors: Counter[str] = Counter()
     for index in match.false_positives:
-        if holds[index].sum() >= 2:
+        if merges[index]:
             errors["fp merged"] += 1
         elif len(clear) and ious[index].max() > 0 and int(ious[index].argmax()) not in matched_true:
             errors["fp misfit"] += 1
@@ -222,9 +233,10 @@ def explain_errors(
             errors["fp fragment"] += 1
         else:
             errors["fp outside annotations"] += 1
-    clear_holds = covered_matrix(predicted, clear) >= MERGE_COVER
+    # per clear cell: inside a predicted box that holds two annotated cells
+    in_merge = ((covered_matrix(predicted, clear) >= MERGE_COVER) & merges[:, None]).any(axis=0)
     for true in sorted(set(range(len(clear))) - matched_true):
-        if any(holds[index].sum() >= 2 for index in np.flatnonzero(clear_holds[:, true])):
+        if in_merge[true]:
             errors["fn merged"] += 1
         elif not len(predicted) or ious[:, true].max() == 0:
             errors["fn missed"] += 1
@@ -286,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds += time.perf_counter() - start
         match = score_field(boxes, annotations[name], width, height, args.margin)
         infected += infected_found(boxes, annotations[name])
-        errors += explain_errors(boxes, annotations[name], width, height, args.margin)
+        errors += explain_errors(boxes, annotations[name], match, width, height, args.margin)
         total = total + match
         print(
             f"{name:<16}{match.tp + match.fp:>6}{match.tp + match.fn:>6}"

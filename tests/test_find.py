@@ -192,14 +192,14 @@ def test_explain_errors_names_each_kind_of_error():
         (105, 105, 8, 8),
         (150, 150, 20, 20),  # nothing annotated there
     ]
-    errors = explain_errors(predicted, annotated, 200, 200)
+    match = score_field(predicted, annotated, 200, 200)
+    assert (match.fp, match.fn) == (4, 5)
+    errors = explain_errors(predicted, annotated, match, 200, 200)
     assert errors == {
         "fp merged": 1, "fp misfit": 1, "fp fragment": 1, "fp outside annotations": 1,
         "fn merged": 3, "fn misfit": 1, "fn missed": 1,
     }
-    match = score_field(predicted, annotated, 200, 200)
-    assert (match.fp, match.fn) == (4, 5)
-    assert explain_errors([], annotated, 200, 200) == {"fn missed": 7}
+    assert explain_errors([], annotated, score_field([], annotated, 200, 200), 200, 200) == {"fn missed": 7}
 
 
 @pytest.mark.parametrize(
