@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cells.contract import MODEL_NAME
+from train.flags import add_augment_flags
 
 # The committed real cells; the export parity gate runs on them unless told otherwise.
 DEFAULT_PARITY_DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cells"
@@ -38,6 +39,9 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             weights=args.weights,
             class_weight=not args.no_class_weight,
+            rotation=args.rotation,
+            channel_gain=args.channel_gain,
+            desaturate=args.desaturate,
             steps_per_epoch=args.steps_per_epoch,
             validation_steps=args.validation_steps,
             resume=args.resume,
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--weights", default="none", help="none (from scratch), imagenet, or a local weights file")
     train.add_argument("--no-class-weight", action="store_true", help="do not balance the classes in the loss")
+    add_augment_flags(train)
     train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     train.add_argument("--validation-steps", type=int, help="cap the validation steps (smoke runs)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")

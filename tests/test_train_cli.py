@@ -13,7 +13,7 @@ def run_dir(tmp_path_factory, cells_dir):
     out = tmp_path_factory.mktemp("run")
     result = run_cli(
         "train", "--data", str(cells_dir), "--out", str(out), "--epochs", "2",
-        "--steps-per-epoch", "2", "--batch-size", "8",
+        "--steps-per-epoch", "2", "--batch-size", "8", "--rotation", "180", "--channel-gain", "0.25", "--desaturate", "0.8",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch 2 done" in result.stdout
@@ -33,6 +33,8 @@ def test_training_writes_every_artifact(run_dir):
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 3 and "val_loss" in history[0]
     assert (run_dir / "labels.txt").read_text() == "Parasitized\nUninfected\n"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["rotation"], config["channel_gain"], config["desaturate"]) == (180, 0.25, 0.8)
 
 
 @pytest.mark.slow

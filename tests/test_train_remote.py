@@ -11,7 +11,7 @@ import pytest
 from cells.contract import CLASSES
 from train.data import list_samples, load_cells, split_samples
 from train.model import build_model
-from train.recipe import Augment, TrainConfig
+from train.recipe import Augment, StainJitter, TrainConfig
 from train.remote import affordable_epochs, import_shards, load_shards, pack, read_pack, save_shards
 
 
@@ -51,9 +51,10 @@ def test_shards_from_another_architecture_are_refused(tmp_path):
         load_shards(build_model("none"), tmp_path)
 
 
-def test_augment_keeps_the_uint8_contract_and_is_identity_at_inference(cells_dir):
+@pytest.mark.parametrize("moves", [{}, {"rotation": 180, "channel_gain": 0.25, "desaturate": 0.8}], ids=["tutorial", "wider"])
+def test_augment_keeps_the_uint8_contract_and_is_identity_at_inference(cells_dir, moves):
     images = load_cells(list_samples(cells_dir)[:4]).images
-    augment = Augment(seed=0)
+    augment = Augment(0, **moves)
     moved = keras.ops.convert_to_numpy(augment(images, training=True))
     assert moved.dtype == np.uint8 and moved.shape == images.shape
     assert not np.array_equal(moved, images)
@@ -65,3 +66,16 @@ def test_augment_keeps_the_uint8_contract_and_is_identity_at_inference(cells_dir
 )
 def test_epoch_count_fits_the_time_left(per_epoch_s, left_s, expected):
     assert affordable_epochs(2, per_epoch_s, left_s, cap=60) == expected
+
+
+def test_stain_jitter_moves_cell_colour_and_keeps_the_black_background(cells_dir):
+    images = load_cells(list_samples(cells_dir)[:8]).images.astype(np.float32)
+    jitter = StainJitter(channel_gain=0.25, desaturate=0.8, seed=0)
+    moved = keras.ops.convert_to_numpy(jitter(images, training=True))
+    background = images.max(axis=-1) == 0
+    assert background.any() and np.all(moved[background] == 0)
+    before, after = images[~background], moved[~background]
+    assert np.abs(after - before).mean() > 3, "colour barely moved"
+    channel_spread = [np.ptp(pixels, axis=-1).mean() for pixels in (before, after)]
+    assert channel_spread[1] < channel_spread[0], "the blend toward grey should lower saturation on average"
+    assert np.array_equal(keras.ops.convert_to_numpy(jitter(images, training=False)), images)

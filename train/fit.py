@@ -15,18 +15,19 @@ from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
 from train.model import build_model
 from train.plots import plot_curves
-from train.recipe import STATE, Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot, read_history
+from train.recipe import STATE, EpochState, TrainConfig, augment_for, class_weights, compile_model, learning_rate_at, one_hot, read_history
 
 CHECKPOINT = "checkpoint.keras"
 BEST = "best.keras"
 
 
-def make_dataset(cells: CellSet, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
+def make_dataset(cells: CellSet, config: TrainConfig, training: bool) -> tf.data.Dataset:
     """uint8 crops and one-hot labels, the training ones shuffled, repeated and augmented."""
+    batch_size, seed = config.batch_size, config.seed
     dataset = tf.data.Dataset.from_tensor_slices((cells.images, one_hot(cells.labels))).cache()
     if not training:
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    augment = Augment(seed)
+    augment = augment_for(config)
 
     def augment_batch(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return augment(images, training=True), labels
@@ -71,8 +72,8 @@ def train(config: TrainConfig) -> dict:
         (out / "history.csv").unlink(missing_ok=True)
 
     if epochs_done < config.epochs:
-        train_data = make_dataset(train_cells, config.batch_size, training=True, seed=config.seed)
-        val_data = make_dataset(val_cells, config.batch_size, training=False, seed=config.seed)
+        train_data = make_dataset(train_cells, config, training=True)
+        val_data = make_dataset(val_cells, config, training=False)
         steps = config.steps_per_epoch or max(1, len(train_cells.labels) // config.batch_size)
         best_kwargs = {}
         if config.resume and (out / STATE).is_file() and (out / "history.csv").is_file():

@@ -29,9 +29,36 @@ class TrainConfig:
     seed: int = 42
     weights: str = "none"
     class_weight: bool = True
+    rotation: float = 20.0
+    channel_gain: float = 0.0
+    desaturate: float = 0.0
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
     resume: bool = False
+
+
+class StainJitter(keras.layers.Layer):
+    """Colour moves for stain and microscope differences: per-channel gains, then a blend toward grey.
+
+    Both are multiplicative, so the black background around an NIH crop stays black, and the
+    largest blend reaches the grey cells of other labs' fields (the IML fields' cell pixels average
+    152,152,152 where the NIH cells average 204,138,150). Float in, float out.
+    """
+
+    def __init__(self, channel_gain: float, desaturate: float, seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.channel_gain, self.desaturate = channel_gain, desaturate
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training: bool = True):
+        if not training:
+            return images
+        batch = keras.ops.shape(images)[0]
+        log_gain = keras.random.uniform((batch, 1, 1, 3), -self.channel_gain, self.channel_gain, seed=self.seed_generator)
+        moved = images * keras.ops.exp(log_gain)
+        grey = keras.ops.mean(moved, axis=-1, keepdims=True)
+        blend = keras.random.uniform((batch, 1, 1, 1), 0.0, self.desaturate, seed=self.seed_generator)
+        return moved + (grey - moved) * blend
 
 
 class Augment(keras.layers.Layer):
@@ -40,25 +67,35 @@ class Augment(keras.layers.Layer):
     Filled with black rather than 'nearest', since the NIH crops sit on black backgrounds. Moved
     pixels are rounded back to uint8, so the model always sees its serving contract. One layer for
     both trainers: mapped over tf.data (train/fit.py), called on each batch before the jitted
-    train step on an accelerator (train/remote.py).
+    train step on an accelerator (train/remote.py). The defaults are the tutorial's: rotation up to
+    20 degrees either way and no colour jitter.
     """
 
-    def __init__(self, seed: int, **kwargs) -> None:
+    def __init__(
+        self, seed: int, rotation: float = 20.0, channel_gain: float = 0.0, desaturate: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         fill = {"fill_mode": "constant", "fill_value": 0.0}
         self.moves = [
-            keras.layers.RandomRotation(20 / 360, seed=seed, **fill),
+            keras.layers.RandomRotation(rotation / 360, seed=seed, **fill),
             keras.layers.RandomZoom(0.05, seed=seed + 1, **fill),
             keras.layers.RandomTranslation(0.05, 0.05, seed=seed + 2, **fill),
             keras.layers.RandomShear(x_factor=0.05, y_factor=0.05, seed=seed + 3, **fill),
             keras.layers.RandomFlip("horizontal", seed=seed + 4),
         ]
+        if channel_gain or desaturate:
+            self.moves.append(StainJitter(channel_gain, desaturate, seed=seed + 5))
 
     def call(self, images, training: bool = True):
         moved = keras.ops.cast(images, "float32")
         for move in self.moves:
             moved = move(moved, training=training)
         return keras.ops.cast(keras.ops.clip(keras.ops.round(moved), 0, 255), "uint8")
+
+
+def augment_for(config: TrainConfig, **kwargs) -> Augment:
+    """The run's augmentation, so both trainers move images the same way for the same config."""
+    return Augment(config.seed, config.rotation, config.channel_gain, config.desaturate, **kwargs)
 
 
 def learning_rate_at(epoch: int, config: TrainConfig) -> float:

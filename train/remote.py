@@ -29,8 +29,9 @@ from PIL import Image
 from cells.contract import CLASSES
 from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
+from train.flags import add_augment_flags
 from train.model import build_model
-from train.recipe import Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot
+from train.recipe import EpochState, TrainConfig, augment_for, class_weights, compile_model, learning_rate_at, one_hot
 
 PARTS = ("train", "val")
 SHARD_BYTES = 15 * 2**20  # the host returns files of at most 16 MiB
@@ -128,11 +129,11 @@ class AugmentedBatches(keras.utils.PyDataset):
     not established in the time lent; apart, the pieces are known to be fast.
     """
 
-    def __init__(self, cells: CellSet, batch_size: int, seed: int, weights: dict[int, float] | None) -> None:
+    def __init__(self, cells: CellSet, config: TrainConfig, weights: dict[int, float] | None) -> None:
         super().__init__()
-        self.images, self.labels, self.batch_size = cells.images, cells.labels, batch_size
-        self.augment = Augment(seed, name="augment")
-        self.rng = np.random.default_rng(seed)
+        self.images, self.labels, self.batch_size = cells.images, cells.labels, config.batch_size
+        self.augment = augment_for(config, name="augment")
+        self.rng = np.random.default_rng(config.seed)
         self.order = self.rng.permutation(len(self.labels))
         self.weights = np.array([(weights or {}).get(i, 1.0) for i in range(len(CLASSES))], dtype=np.float32)
 
@@ -160,7 +161,7 @@ def fit(pack_path: Path, out: Path, config: TrainConfig, budget_s: float, reserv
     compile_model(model, config.learning_rate)
     weights = class_weights(train_cells.labels) if config.class_weight else None
     model.fit(
-        AugmentedBatches(train_cells, config.batch_size, config.seed, weights),
+        AugmentedBatches(train_cells, config, weights),
         epochs=config.epochs,
         validation_data=(val_cells.images, one_hot(val_cells.labels)),
         validation_batch_size=256,
@@ -242,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fitter.add_argument("--learning-rate", type=float, default=1e-3)
     fitter.add_argument("--warmup-epochs", type=int, default=2)
     fitter.add_argument("--seed", type=int, default=42, help="initialisation and augmentation")
+    add_augment_flags(fitter)
     importer = commands.add_parser("import", help="weight shards -> model.keras")
     importer.add_argument("--weights", type=Path, required=True, help="folder with weights-*.npz")
     importer.add_argument("--out", type=Path, required=True, help="the model.keras to write")
@@ -264,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             learning_rate=args.learning_rate,
             warmup_epochs=args.warmup_epochs,
             seed=args.seed,
+            rotation=args.rotation,
+            channel_gain=args.channel_gain,
+            desaturate=args.desaturate,
         )
         metrics = fit(args.pack, args.out, config, args.budget_s)
         keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
