@@ -52,9 +52,9 @@ def test_shards_from_another_architecture_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("moves", [{}, {"rotation": 180, "channel_gain": 0.25, "desaturate": 0.8}], ids=["tutorial", "wider"])
-def test_augment_keeps_the_uint8_contract_and_is_identity_at_inference(cells_dir, moves):
+def test_augment_keeps_the_uint8_contract_and_is_identity_at_inference(cells_dir, tmp_path, moves):
     images = load_cells(list_samples(cells_dir)[:4]).images
-    augment = Augment(0, **moves)
+    augment = Augment(TrainConfig(data=cells_dir, out=tmp_path, seed=0, **moves))
     moved = keras.ops.convert_to_numpy(augment(images, training=True))
     assert moved.dtype == np.uint8 and moved.shape == images.shape
     assert not np.array_equal(moved, images)

@@ -15,7 +15,7 @@ from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
 from train.model import build_model
 from train.plots import plot_curves
-from train.recipe import STATE, EpochState, TrainConfig, augment_for, class_weights, compile_model, learning_rate_at, one_hot, read_history
+from train.recipe import STATE, Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot, read_history
 
 CHECKPOINT = "checkpoint.keras"
 BEST = "best.keras"
@@ -27,7 +27,7 @@ def make_dataset(cells: CellSet, config: TrainConfig, training: bool) -> tf.data
     dataset = tf.data.Dataset.from_tensor_slices((cells.images, one_hot(cells.labels))).cache()
     if not training:
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    augment = augment_for(config)
+    augment = Augment(config)
 
     def augment_batch(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return augment(images, training=True), labels

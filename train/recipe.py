@@ -67,35 +67,30 @@ class Augment(keras.layers.Layer):
     Filled with black rather than 'nearest', since the NIH crops sit on black backgrounds. Moved
     pixels are rounded back to uint8, so the model always sees its serving contract. One layer for
     both trainers: mapped over tf.data (train/fit.py), called on each batch before the jitted
-    train step on an accelerator (train/remote.py). The defaults are the tutorial's: rotation up to
-    20 degrees either way and no colour jitter.
+    train step on an accelerator (train/remote.py). Built from the run's config, whose defaults are
+    the tutorial's (rotation up to 20 degrees either way, no colour jitter), so both trainers move
+    images the same way for the same config.
     """
 
-    def __init__(
-        self, seed: int, rotation: float = 20.0, channel_gain: float = 0.0, desaturate: float = 0.0, **kwargs
-    ) -> None:
+    def __init__(self, config: TrainConfig, **kwargs) -> None:
         super().__init__(**kwargs)
+        seed = config.seed
         fill = {"fill_mode": "constant", "fill_value": 0.0}
         self.moves = [
-            keras.layers.RandomRotation(rotation / 360, seed=seed, **fill),
+            keras.layers.RandomRotation(config.rotation / 360, seed=seed, **fill),
             keras.layers.RandomZoom(0.05, seed=seed + 1, **fill),
             keras.layers.RandomTranslation(0.05, 0.05, seed=seed + 2, **fill),
             keras.layers.RandomShear(x_factor=0.05, y_factor=0.05, seed=seed + 3, **fill),
             keras.layers.RandomFlip("horizontal", seed=seed + 4),
         ]
-        if channel_gain or desaturate:
-            self.moves.append(StainJitter(channel_gain, desaturate, seed=seed + 5))
+        if config.channel_gain or config.desaturate:
+            self.moves.append(StainJitter(config.channel_gain, config.desaturate, seed=seed + 5))
 
     def call(self, images, training: bool = True):
         moved = keras.ops.cast(images, "float32")
         for move in self.moves:
             moved = move(moved, training=training)
         return keras.ops.cast(keras.ops.clip(keras.ops.round(moved), 0, 255), "uint8")
-
-
-def augment_for(config: TrainConfig, **kwargs) -> Augment:
-    """The run's augmentation, so both trainers move images the same way for the same config."""
-    return Augment(config.seed, config.rotation, config.channel_gain, config.desaturate, **kwargs)
 
 
 def learning_rate_at(epoch: int, config: TrainConfig) -> float:

@@ -31,7 +31,7 @@ from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
 from train.flags import add_augment_flags
 from train.model import build_model
-from train.recipe import EpochState, TrainConfig, augment_for, class_weights, compile_model, learning_rate_at, one_hot
+from train.recipe import Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot
 
 PARTS = ("train", "val")
 SHARD_BYTES = 15 * 2**20  # the host returns files of at most 16 MiB
@@ -132,7 +132,7 @@ class AugmentedBatches(keras.utils.PyDataset):
     def __init__(self, cells: CellSet, config: TrainConfig, weights: dict[int, float] | None) -> None:
         super().__init__()
         self.images, self.labels, self.batch_size = cells.images, cells.labels, config.batch_size
-        self.augment = augment_for(config, name="augment")
+        self.augment = Augment(config, name="augment")
         self.rng = np.random.default_rng(config.seed)
         self.order = self.rng.permutation(len(self.labels))
         self.weights = np.array([(weights or {}).get(i, 1.0) for i in range(len(CLASSES))], dtype=np.float32)
