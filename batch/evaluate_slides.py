@@ -3,7 +3,9 @@
 Detection is scored with the shared matcher, border rule and error kinds (cells.detection_eval);
 classification is reported for the annotated cells the run found: the share of infected cells
 (ring, trophozoite, schizont, gametocyte) called Parasitized, and the share of uninfected red
-cells called Parasitized.
+cells called Parasitized. Per slide, the parasitemia the run reported (all its cells) is set
+against the annotated one (infected / all annotated cells clear of the edge): the number a
+microscopist would read off the report, and its mean absolute error in percentage points.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ from cells.detection_eval import (
 
 def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 2)
 
 
 def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_MARGIN) -> dict:
@@ -57,8 +63,11 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         for predicted, true in match.pairs:
             kind = "infected" if truth[true].type in INFECTED_TYPES else "uninfected"
             calls[kind, rows[predicted]["label"]] += 1
+        annotated_infected = sum(cell.type in INFECTED_TYPES for cell in truth)
         per_slide.append({"slide": name, "found": match.tp + match.fp, "annotated": match.tp + match.fn,
-                          "tp": match.tp, "fp": match.fp, "fn": match.fn, "f1": round(match.f1, 4)})
+                          "tp": match.tp, "fp": match.fp, "fn": match.fn, "f1": round(match.f1, 4),
+                          "parasitemia_annotated_pct": round(100.0 * (_ratio(annotated_infected, len(truth)) or 0.0), 2),
+                          "parasitemia_reported_pct": round(slide["parasitemia_pct"], 2)})
     if not per_slide:
         raise ValueError(f"no slide of {results} is named in {annotations_path}")
     positive = CLASSES[PARASITIZED]
@@ -74,6 +83,13 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         "infected_called_parasitized": _ratio(calls["infected", positive], infected),
         "uninfected_cells_found": uninfected,
         "uninfected_called_parasitized": _ratio(calls["uninfected", positive], uninfected),
+        "parasitemia_pct": {
+            "annotated_mean": _mean([s["parasitemia_annotated_pct"] for s in per_slide]),
+            "reported_mean": _mean([s["parasitemia_reported_pct"] for s in per_slide]),
+            "mean_absolute_error_points": _mean(
+                [abs(s["parasitemia_reported_pct"] - s["parasitemia_annotated_pct"]) for s in per_slide]
+            ),
+        },
         "per_slide": per_slide,
     }
     (results / "evaluation.json").write_text(json.dumps(report, indent=2))

@@ -42,6 +42,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused")
     parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
+    parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=True,
+                        help="recolour each slide's cells to the training data's stain (cells/stain.py)")
     parser.add_argument("--overlays", action="store_true", help="write overlays/<slide>.png with boxes coloured by class")
     parser.add_argument("--overwrite", action="store_true", help="redo slides already finished in --output")
     return parser
@@ -96,11 +98,12 @@ def _prepare_remote():
     from batch.slides import SlideError, prepare
 
     @ray.remote(num_cpus=1, max_retries=0)
-    def prepare_slide(slide: Slide, max_pixels: int, keep_image: bool, keep_border: bool):
+    def prepare_slide(slide: Slide, max_pixels: int, keep_image: bool, keep_border: bool, stain_normalise: bool):
         """Returns SlideCells, or the one-line reason the slide cannot be processed."""
         try:
             data = slide.data if slide.data is not None else Path(slide.path).read_bytes()
-            return prepare(data, max_pixels=max_pixels, keep_image=keep_image, keep_border=keep_border)
+            return prepare(data, max_pixels=max_pixels, keep_image=keep_image, keep_border=keep_border,
+                           stain_normalise=stain_normalise)
         except (SlideError, OSError) as error:
             return str(error) if isinstance(error, SlideError) else f"unreadable file: {error.strerror or error}"
 
@@ -127,7 +130,8 @@ async def process(args: argparse.Namespace, urls: list[str]) -> Progress:
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
-                prepared = await prepare_slide.remote(slide, args.max_pixels, args.overlays, args.keep_border_cells)
+                prepared = await prepare_slide.remote(slide, args.max_pixels, args.overlays, args.keep_border_cells,
+                                                      args.stain_normalise)
                 if isinstance(prepared, str):
                     result = failed(slide.slide_id, slide.source, prepared)
                 else:
@@ -226,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         "triton_urls": urls,
         "protocol": args.protocol,
         "embedded_triton": server is not None,
+        "stain_normalise": args.stain_normalise,
         "slides": slides,
         "slides_ok": ok,
         "slides_error": slides - ok,

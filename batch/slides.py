@@ -55,13 +55,23 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise SlideError(f"corrupt or truncated image: {str(error).splitlines()[0][:160]}") from error
 
 
-def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_image: bool = False, keep_border: bool = False) -> SlideCells:
-    """Decode, find red cells and cut their crops with the shared crop function."""
+def prepare(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_image: bool = False,
+    keep_border: bool = False,
+    stain_normalise: bool = True,
+) -> SlideCells:
+    """Decode, find red cells, cut their crops with the shared crop function, and (by default)
+    recolour them to the training data's stain (`cells.stain`)."""
     from cells.find import cell_crops, find_cells  # scikit-image: imported by workers only
+    from cells.stain import normalise_stain
 
     image = decode(data, max_pixels)
     found = find_cells(image, keep_border=keep_border)
     crops = cell_crops(image, found)
+    if stain_normalise:
+        crops = normalise_stain(crops)
     return SlideCells(
         width=image.shape[1],
         height=image.shape[0],

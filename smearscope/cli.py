@@ -74,6 +74,15 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_stain_reference(args: argparse.Namespace) -> int:
+    from train.explore import stain_reference
+
+    patients = set(json.loads(args.split.read_text())["train_patients"]) if args.split else None
+    reference = stain_reference(args.data, patients)
+    print(json.dumps({"cielab_mean": reference.mean, "cielab_std": reference.std}))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from export.pipeline import ExportOptions, export
     from export.triton_config import ServingParameters
@@ -212,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats = data.add_parser("stats", help="images per class, patients, sizes")
     stats.add_argument("--data", type=Path, required=True)
     stats.set_defaults(run=_data_stats)
+    reference = data.add_parser("stain-reference", help="median per-patient cell colour (CIELAB), for cells/stain.py")
+    reference.add_argument("--data", type=Path, required=True)
+    reference.add_argument("--split", type=Path, help="a run's split.json: use its training patients only")
+    reference.set_defaults(run=_data_stain_reference)
     return parser
 
 

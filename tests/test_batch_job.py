@@ -203,3 +203,11 @@ def test_evaluate_slides_scores_the_run_against_annotations(embedded_run):
     assert report["infected_cells_found"] >= 9  # 10 of 11 annotated infected cells are found
     for share in ("infected_called_parasitized", "uninfected_called_parasitized"):
         assert 0.0 <= report[share] <= 1.0
+    slides = {Path(row["slide"]).name: row for row in pq.read_table(output / "slides.parquet").to_pylist()}
+    for row in report["per_slide"]:
+        assert row["parasitemia_reported_pct"] == round(slides[row["slide"]]["parasitemia_pct"], 2)
+    # infected / annotated cells clear of the edge, counted in annotations.json by hand
+    annotated = {row["slide"]: row["parasitemia_annotated_pct"] for row in report["per_slide"]}
+    assert annotated == {"PA171691.JPG": 2.88, "PA171772.JPG": 4.12, "PA171862.JPG": 2.24}
+    errors = [abs(r["parasitemia_reported_pct"] - r["parasitemia_annotated_pct"]) for r in report["per_slide"]]
+    assert report["parasitemia_pct"]["mean_absolute_error_points"] == pytest.approx(sum(errors) / 3, abs=0.01)

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from cells.contract import CLASSES, IMAGE_SIZE
-from train.data import list_samples, load_cell
+from cells.stain import StainStats, stain_stats
+from train.data import list_samples, load_cell, load_cells
 
 
 def preview(data_dir: Path, out: Path, per_class: int = 8, seed: int = 0) -> Path:
@@ -69,3 +70,23 @@ def stats(data_dir: Path) -> dict:
             "resized_to": IMAGE_SIZE,
         },
     }
+
+
+def stain_reference(data_dir: Path, patients: set[str] | None = None) -> StainStats:
+    """The colour of a typical training patient's cells: per statistic, the median over patients.
+
+    A median of per-patient statistics, not the statistics of all cells pooled: pooled spreads
+    include the differences between slides, which per-slide normalisation is there to remove.
+    `patients` restricts it to a model's training patients (NIH slides are pink or lavender, so
+    the median of the redness depends on which patients are in).
+    """
+    samples = [s for s in list_samples(data_dir) if patients is None or s.patient in patients]
+    if not samples:
+        raise ValueError(f"none of the patients asked for have cells in {data_dir}")
+    per_patient = []
+    for patient in sorted({s.patient for s in samples}):
+        cells = load_cells([s for s in samples if s.patient == patient])
+        found = stain_stats(cells.images)
+        per_patient.append([*found.mean, *found.std])
+    median = np.median(np.asarray(per_patient), axis=0).round(2).tolist()
+    return StainStats(mean=tuple(median[:3]), std=tuple(median[3:]))
