@@ -77,7 +77,12 @@ def _data_stats(args: argparse.Namespace) -> int:
 def _data_stain_reference(args: argparse.Namespace) -> int:
     from train.explore import stain_reference
 
-    patients = set(json.loads(args.split.read_text())["train_patients"]) if args.split else None
+    patients = None
+    if args.split:
+        split = json.loads(args.split.read_text())
+        if "train_patients" not in split:
+            raise ValueError(f"{args.split} has no train_patients (expected a run's split.json)")
+        patients = set(split["train_patients"])
     reference = stain_reference(args.data, patients)
     print(json.dumps({"cielab_mean": reference.mean, "cielab_std": reference.std}))
     return 0

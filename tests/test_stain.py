@@ -92,3 +92,7 @@ def test_stain_reference_is_the_median_of_the_chosen_patients(cells_dir, tmp_pat
     split.write_text(json.dumps({"train_patients": ["P999"]}))
     none = run_cli("data", "stain-reference", "--data", str(cells_dir), "--split", str(split))
     assert none.returncode == 1 and "none of the patients" in none.stderr
+
+    split.write_text("{}")
+    wrong = run_cli("data", "stain-reference", "--data", str(cells_dir), "--split", str(split))
+    assert wrong.returncode == 1 and "no train_patients" in wrong.stderr
