@@ -30,24 +30,40 @@ class StainStats:
     std: tuple[float, float, float]
 
 
-REFERENCE = StainStats(mean=(66.14, 11.08, -4.37), std=(7.63, 4.41, 3.78))
+REFERENCE = StainStats(mean=(66.26, 11.09, -4.37), std=(7.6, 4.41, 3.8))
 
 
-def _cell_lab(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cell pixels of uint8 crops [..., 3] in CIELAB [P, 3], and where they are (bool [...])."""
+def _cell_colours(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct colours of the cells in uint8 crops [..., 3]: CIELAB [K, 3], how many pixels
+    have each [K], each cell pixel's colour index [P], and where the cell pixels are (bool [...]).
+
+    A slide's ~1.5 M cell pixels hold ~0.1 M distinct colours; converting those instead of every
+    pixel takes normalising a 154-cell field from 0.96 s to 0.43 s (cell finding: 0.28 s).
+    """
     from skimage.color import rgb2lab
 
-    cell = crops.max(axis=-1) > BACKGROUND_LEVEL
-    lab = rgb2lab(crops[cell][None].astype(np.float32) / 255.0)[0]
-    return lab, cell
+    red, green, blue = (crops[..., channel].astype(np.int32) for channel in range(3))
+    cell = np.maximum(np.maximum(red, green), blue) > BACKGROUND_LEVEL
+    packed = ((red << 16) | (green << 8) | blue)[cell]
+    codes, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
+    rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1)
+    lab = rgb2lab(rgb[None].astype(np.float32) / 255.0)[0]
+    return lab, counts, inverse.reshape(-1), cell
+
+
+def _moments(lab: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over pixels, from distinct colours and their pixel counts."""
+    mean = np.average(lab, axis=0, weights=counts)
+    return mean, np.sqrt(np.average((lab - mean) ** 2, axis=0, weights=counts))
 
 
 def stain_stats(crops: np.ndarray) -> StainStats:
     """Colour statistics of the cells in uint8 crops [N, H, W, 3] (black background left out)."""
-    lab, _ = _cell_lab(crops)
+    lab, counts, _, _ = _cell_colours(crops)
     if not len(lab):
         raise ValueError("no cell pixels in these crops")
-    return StainStats(tuple(lab.mean(axis=0).tolist()), tuple(lab.std(axis=0).tolist()))
+    mean, std = _moments(lab, counts)
+    return StainStats(tuple(mean.tolist()), tuple(std.tolist()))
 
 
 def normalise_stain(crops: np.ndarray, reference: StainStats = REFERENCE) -> np.ndarray:
@@ -59,10 +75,10 @@ def normalise_stain(crops: np.ndarray, reference: StainStats = REFERENCE) -> np.
         return crops
     from skimage.color import lab2rgb
 
-    lab, cell = _cell_lab(crops)
-    source_mean, source_std = lab.mean(axis=0), np.maximum(lab.std(axis=0), 1e-3)
-    lab = (lab - source_mean) * (np.asarray(reference.std) / source_std) + np.asarray(reference.mean)
-    rgb = lab2rgb(lab[None])[0]
+    lab, counts, inverse, cell = _cell_colours(crops)
+    mean, std = _moments(lab, counts)
+    lab = (lab - mean) * (np.asarray(reference.std) / np.maximum(std, 1e-3)) + np.asarray(reference.mean)
+    recoloured = np.clip(np.rint(lab2rgb(lab[None])[0] * 255.0), 0, 255).astype(np.uint8)
     out = crops.copy()
-    out[cell] = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    out[cell] = recoloured[inverse]
     return out
