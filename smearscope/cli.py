@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cells.contract import MODEL_NAME
-from train.flags import add_augment_flags
+from train.flags import add_augment_flags, augment_settings
 
 # The committed real cells; the export parity gate runs on them unless told otherwise.
 DEFAULT_PARITY_DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cells"
@@ -39,9 +39,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             weights=args.weights,
             class_weight=not args.no_class_weight,
-            rotation=args.rotation,
-            channel_gain=args.channel_gain,
-            desaturate=args.desaturate,
+            **augment_settings(args),
             steps_per_epoch=args.steps_per_epoch,
             validation_steps=args.validation_steps,
             resume=args.resume,

@@ -29,7 +29,7 @@ from PIL import Image
 from cells.contract import CLASSES
 from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
-from train.flags import add_augment_flags
+from train.flags import add_augment_flags, augment_settings
 from train.model import build_model
 from train.recipe import Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot
 
@@ -266,9 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             learning_rate=args.learning_rate,
             warmup_epochs=args.warmup_epochs,
             seed=args.seed,
-            rotation=args.rotation,
-            channel_gain=args.channel_gain,
-            desaturate=args.desaturate,
+            **augment_settings(args),
         )
         metrics = fit(args.pack, args.out, config, args.budget_s)
         keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
