@@ -69,13 +69,16 @@ def stain_stats(crops: np.ndarray) -> StainStats:
 def normalise_stain(crops: np.ndarray, reference: StainStats = REFERENCE) -> np.ndarray:
     """One slide's crops [N, H, W, 3] uint8, recoloured so their cells' statistics match `reference`.
 
-    The black background stays black. Slides with fewer than MIN_CELLS crops come back unchanged.
+    The black background stays black. Slides with fewer than MIN_CELLS crops, or whose crops are
+    all background (an almost black field), come back unchanged: there is no stain to measure.
     """
     if len(crops) < MIN_CELLS:
         return crops
     from skimage.color import lab2rgb
 
     lab, counts, inverse, cell = _cell_colours(crops)
+    if not len(lab):
+        return crops
     mean, std = _moments(lab, counts)
     lab = (lab - mean) * (np.asarray(reference.std) / np.maximum(std, 1e-3)) + np.asarray(reference.mean)
     recoloured = np.clip(np.rint(lab2rgb(lab[None])[0] * 255.0), 0, 255).astype(np.uint8)

@@ -70,6 +70,11 @@ def test_too_few_cells_are_left_as_they_are(field):
     assert np.array_equal(normalise_stain(crops), crops)
 
 
+def test_crops_with_no_cell_pixels_are_left_as_they_are(field):
+    dark = (crops_of(field).astype(np.uint16) * BACKGROUND_LEVEL // 255).astype(np.uint8)
+    assert np.array_equal(normalise_stain(dark), dark)
+
+
 def test_the_batch_step_normalises_unless_asked_not_to(field):
     data = (FIELDS / "PA171691.JPG").read_bytes()
     raw = prepare(data, stain_normalise=False)
