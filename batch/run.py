@@ -110,8 +110,11 @@ def _prepare_remote():
     return prepare_slide
 
 
-async def process(args: argparse.Namespace, urls: list[str]) -> Progress:
-    """Stream slides through Ray workers and Triton; each finished slide is written at once."""
+async def process(args: argparse.Namespace, urls: list[str]) -> tuple[Progress, str]:
+    """Stream slides through Ray workers and Triton; each finished slide is written at once.
+
+    Returns the progress and the model version the server reported serving.
+    """
     from batch.overlay import draw_overlay
     from deploy.client import ClientOptions, InferenceRejected, ServersUnavailable, TritonClassifier
 
@@ -166,7 +169,7 @@ async def process(args: argparse.Namespace, urls: list[str]) -> Progress:
         await asyncio.gather(*tasks)
     progress.close()
     progress.skipped = skipped
-    return progress
+    return progress, classifier.model_version
 
 
 def _start_ray(address: str | None) -> None:
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     urls = args.triton_url or [server.grpc_url if args.protocol == "grpc" else server.http_url]
     try:
         _start_ray(args.ray_address)
-        progress = asyncio.run(process(args, urls))
+        progress, model_version = asyncio.run(process(args, urls))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -226,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         "inputs": args.input,
         "output": str(args.output),
         "model": args.model,
-        "model_version": "1",
+        "model_version": model_version,
         "triton_urls": urls,
         "protocol": args.protocol,
         "embedded_triton": server is not None,

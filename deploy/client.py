@@ -1,4 +1,4 @@
-"""The one Triton client of the project (batch, bench and web use it): asyncio, gRPC or HTTP.
+"""The one Triton client of the project (batch and bench use it): asyncio, gRPC or HTTP.
 
 It keeps a bounded number of requests in flight, splits batches to the server's max_batch_size,
 retries unavailable servers with exponential backoff and jitter, fails over between several URLs,
@@ -110,6 +110,7 @@ class TritonClassifier:
 
     options: ClientOptions
     max_batch_size: int = 0
+    model_version: str = ""  # the newest version the server lists, the one it serves by default
     servers: list[_Server] = field(default_factory=list)
     requests_sent: int = 0
     retries_done: int = 0
@@ -139,6 +140,7 @@ class TritonClassifier:
                 continue
             check_contract(metadata, self.options.model)
             self.max_batch_size = int(config.get("max_batch_size", 0))
+            self.model_version = max(metadata.get("versions", []), key=int, default="")
             return self
         await self.close()
         raise ServersUnavailable("no Triton server answered: " + "; ".join(errors))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from cells.contract import MODEL_NAME
 from deploy.server import free_port
 from tests.conftest import FIXTURES, run_cli
 
@@ -80,6 +81,7 @@ def test_embedded_default_writes_every_output(embedded_run):
     assert "not an image" in errors["text.png"]
     report = json.loads((output / "run.json").read_text())
     assert report["embedded_triton"] and report["cells"] == len(cells) and report["slides_error"] == 3
+    assert report["model"] == MODEL_NAME and report["model_version"] == "1"  # as the server reports it
     assert (output / "slides.csv").read_text().startswith("\"slide\"")
     assert len(list((output / "overlays").glob("*.png"))) == len(ok)
     assert "parasitemia %" in result.stdout
