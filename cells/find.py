@@ -23,18 +23,20 @@ The pipeline, on a field downsampled 2x (cells stay ~35 px across, plenty for th
    framed on the mask (`cell_crops`), so model inputs do not change with that convention.
 
 On the 100 IML fields (python -m cells.detection_eval, IoU >= 0.5, border boxes don't-care):
-precision 0.912, recall 0.963, F1 0.937 (before steps 4 and 7: 0.903, 0.942, 0.922; step 4
-alone 0.928, step 7 alone 0.927), ~0.3 s a field. What is left: overlapping pairs in crowded
-or thick (plasma-filled) fields still come out as one region (~140 FP that cover ~280 FN), and
-about 550 FP lie almost wholly outside every annotated box: 251 of them have the size and shape
-of one cell, real cells the annotators skipped (one field, PA171694, annotates 47 of ~150
-cells; crowded fields leave whole regions unboxed), the rest clumps of such cells, white cells,
-stain streaks and debris. Every merged region has a single distance peak, so splitting it
+precision 0.912, recall 0.963, F1 0.937 (before steps 4 and 7: 0.903, 0.942, 0.922; step 4 alone
+0.928, step 7 alone 0.927), ~0.3 s a field. What is left: overlapping pairs in crowded or thick
+(plasma-filled) fields still come out as one region (62 FP hold two or more annotated cells, and
+209 FN are missed that way), and about 550 FP lie almost wholly outside every annotated box: 251
+of them have the size and shape of one cell, real cells the annotators skipped (one field,
+PA171694, annotates 47 of ~150 cells; crowded fields leave whole regions unboxed), the rest
+clumps of such cells, white cells, stain streaks and debris. A merged region has a single
+distance peak (70 of the 71 in every other field; the 71st, one pale peak), so splitting it
 takes other evidence. Two splitters were measured and lost, gaining 75-133 TP for 209-327 more
 FP (pieces that match no box: misplaced, or on cells nobody annotated): k-means on the pixels of
 regions over 1.6 median cells with solidity under 0.93 (recall 0.976, precision 0.886, F1
 0.929), and Hough circles on the green channel's edges, boxed as circles so overlapping cells
-keep overlapping boxes (recall 0.970, precision 0.895, F1 0.931).
+keep overlapping boxes (recall 0.970, precision 0.895, F1 0.931); gated to circles at least 85 %
+inside the region that together cover 90 % of it, they split 13 regions and F1 stays 0.936.
 """
 from __future__ import annotations
 
