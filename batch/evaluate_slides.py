@@ -13,7 +13,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from batch.inputs import slide_name
 from cells.contract import CLASSES, PARASITIZED
+from cells.errors import BadInput, MissingInput
+from cells.stats import ratio
 from cells.detection_eval import (
     BORDER_MARGIN,
     INFECTED_TYPES,
@@ -25,10 +28,6 @@ from cells.detection_eval import (
 )
 
 
-def _ratio(numerator: int, denominator: int) -> float | None:
-    return numerator / denominator if denominator else None
-
-
 def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 2)
 
@@ -38,7 +37,7 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
 
     cells_table = results / "cells.parquet"
     if not cells_table.is_file():
-        raise FileNotFoundError(f"no cells.parquet in {results} (run the batch job first)")
+        raise MissingInput(f"no cells.parquet in {results} (run the batch job first)")
     annotations = load_annotations(annotations_path)
     slides = [s for s in pq.read_table(results / "slides.parquet").to_pylist() if s["status"] == "ok"]
     cells_by_slide: dict[str, list[dict]] = {}
@@ -50,7 +49,7 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
     calls: Counter[tuple[str, str]] = Counter()  # (annotated kind, predicted label)
     per_slide = []
     for slide in slides:
-        name = Path(slide["slide"].split("!")[-1]).name
+        name = slide_name(slide["slide"])
         if name not in annotations:
             continue
         width, height = slide["width"], slide["height"]
@@ -66,10 +65,10 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         annotated_infected = sum(cell.type in INFECTED_TYPES for cell in truth)
         per_slide.append({"slide": name, "found": match.tp + match.fp, "annotated": match.tp + match.fn,
                           "tp": match.tp, "fp": match.fp, "fn": match.fn, "f1": round(match.f1, 4),
-                          "parasitemia_annotated_pct": round(100.0 * (_ratio(annotated_infected, len(truth)) or 0.0), 2),
+                          "parasitemia_annotated_pct": round(100.0 * (ratio(annotated_infected, len(truth)) or 0.0), 2),
                           "parasitemia_reported_pct": round(slide["parasitemia_pct"], 2)})
     if not per_slide:
-        raise ValueError(f"no slide of {results} is named in {annotations_path}")
+        raise BadInput(f"no slide of {results} is named in {annotations_path}")
     positive = CLASSES[PARASITIZED]
     infected = sum(v for (kind, _), v in calls.items() if kind == "infected")
     uninfected = sum(v for (kind, _), v in calls.items() if kind == "uninfected")
@@ -80,9 +79,9 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
                       "recall": round(total.recall, 4), "f1": round(total.f1, 4),
                       "errors": dict(sorted(errors.items()))},
         "infected_cells_found": infected,
-        "infected_called_parasitized": _ratio(calls["infected", positive], infected),
+        "infected_called_parasitized": ratio(calls["infected", positive], infected),
         "uninfected_cells_found": uninfected,
-        "uninfected_called_parasitized": _ratio(calls["uninfected", positive], uninfected),
+        "uninfected_called_parasitized": ratio(calls["uninfected", positive], uninfected),
         "parasitemia_pct": {
             "annotated_mean": _mean([s["parasitemia_annotated_pct"] for s in per_slide]),
             "reported_mean": _mean([s["parasitemia_reported_pct"] for s in per_slide]),

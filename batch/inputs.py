@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+from cells.contract import IMAGE_SUFFIXES
+from cells.errors import MissingInput, describe
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+ARCHIVE_SEPARATOR = "!"  # slide id of an archive member: <archive path>!<member name>
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class Slide:
         return hashlib.sha1(self.slide_id.encode()).hexdigest()[:16]
 
 
+def slide_name(slide_id: str) -> str:
+    """The file name of a slide: the member's for an archive member (`archive.zip!dir/field.jpg` -> field.jpg)."""
+    return Path(slide_id.split(ARCHIVE_SEPARATOR)[-1]).name
+
+
 def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -48,7 +56,7 @@ def expand(inputs: list[str]) -> list[Path]:
     for argument in inputs:
         matches = sorted(Path(m) for m in glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [Path(argument)]
         if not matches or not all(m.exists() for m in matches):
-            raise FileNotFoundError(f"input not found: {argument}")
+            raise MissingInput(f"input not found: {argument}")
         for match in matches:
             if match.is_dir():
                 found.extend(p for p in sorted(match.rglob("*")) if p.is_file() and (is_image(p.name) or is_archive(p)))
@@ -71,7 +79,7 @@ def _archive_slides(path: Path) -> Iterator[Slide]:
     try:
         yield from reader(path)
     except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as error:
-        yield Slide(slide_id=f"{path}", source=str(path), error=f"unreadable archive: {_reason(error)}")
+        yield Slide(slide_id=f"{path}", source=str(path), error=f"unreadable archive: {describe(error)}")
 
 
 def _zip_members(path: Path) -> Iterator[Slide]:
@@ -79,12 +87,12 @@ def _zip_members(path: Path) -> Iterator[Slide]:
         for info in archive.infolist():
             if info.is_dir() or not is_image(info.filename):
                 continue
-            slide_id = f"{path}!{info.filename}"
+            slide_id = f"{path}{ARCHIVE_SEPARATOR}{info.filename}"
             try:
                 with archive.open(info) as member:
                     data = member.read()
             except (OSError, EOFError, zipfile.BadZipFile, ValueError, zlib.error) as error:
-                yield Slide(slide_id, str(path), error=f"broken archive member: {_reason(error)}")
+                yield Slide(slide_id, str(path), error=f"broken archive member: {describe(error)}")
                 continue
             yield Slide(slide_id, str(path), data=data)
 
@@ -94,12 +102,12 @@ def _tar_members(path: Path) -> Iterator[Slide]:
         for info in archive:
             if not info.isfile() or not is_image(info.name):
                 continue
-            slide_id = f"{path}!{info.name}"
+            slide_id = f"{path}{ARCHIVE_SEPARATOR}{info.name}"
             try:
                 member = archive.extractfile(info)
                 data = member.read() if member else b""
             except (OSError, EOFError, tarfile.TarError) as error:
-                yield Slide(slide_id, str(path), error=f"broken archive member: {_reason(error)}")
+                yield Slide(slide_id, str(path), error=f"broken archive member: {describe(error)}")
                 return  # a stream cannot skip past a broken member
             if len(data) != info.size:
                 yield Slide(slide_id, str(path), error=f"broken archive member: {len(data)} of {info.size} bytes")
@@ -107,5 +115,3 @@ def _tar_members(path: Path) -> Iterator[Slide]:
             yield Slide(slide_id, str(path), data=data)
 
 
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:200]

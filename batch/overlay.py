@@ -1,14 +1,23 @@
 """A PNG per slide with every cell's box coloured by its class, for people to check the job."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from batch.inputs import Slide, slide_name
 from cells.contract import CLASSES
 
+OVERLAYS = "overlays"
 COLOURS = {"Parasitized": (230, 30, 30), "Uninfected": (30, 200, 60)}
+
+
+def overlay_path(output: Path, slide: Slide) -> Path:
+    """overlays/<slide file stem>-<slide key>.png: findable by name, unique by key, safe whatever the name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_name(slide.slide_id)).stem).strip("._")[:64]
+    return output / OVERLAYS / f"{stem or 'slide'}-{slide.key}.png"
 
 
 def draw_overlay(image: np.ndarray, cell_rows: list[dict], path: Path) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ class SlideResult:
     parasitized: int = 0
     parasitemia_pct: float = 0.0
     seconds: float = 0.0
+    overlay: str = ""  # the overlay PNG, relative to the output folder, when one was drawn
     cell_rows: list[dict] = field(default_factory=list)
 
     def row(self) -> dict:
@@ -61,12 +64,22 @@ def failed(slide: str, source: str, reason: str) -> SlideResult:
     return SlideResult(slide=slide, source=source, status="error", error=reason)
 
 
-def atomic_write(path: Path, text: str | bytes) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it replaces `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(handle, "wb") as out:
-        out.write(text.encode() if isinstance(text, str) else text)
-    os.replace(temporary, path)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, text: str | bytes) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(text.encode() if isinstance(text, str) else text)
 
 
 def write_part(output: Path, key: str, result: SlideResult) -> None:
@@ -95,10 +108,8 @@ def write_tables(output: Path, results: list[SlideResult]) -> tuple[int, int]:
     ])
     slides = pa.Table.from_pylist([r.row() for r in results])
     for name, table in (("cells", pa.Table.from_pylist(cell_rows, schema=cell_schema)), ("slides", slides)):
-        temporary = output / f".{name}.parquet.tmp"
-        pq.write_table(table, temporary)
-        os.replace(temporary, output / f"{name}.parquet")
-    temporary = output / ".slides.csv.tmp"
-    pa.csv.write_csv(slides, temporary)
-    os.replace(temporary, output / "slides.csv")
+        with atomic_path(output / f"{name}.parquet") as temporary:
+            pq.write_table(table, temporary)
+    with atomic_path(output / "slides.csv") as temporary:
+        pa.csv.write_csv(slides, temporary)
     return len(results), len(cell_rows)

@@ -7,7 +7,6 @@ of requests in flight, and writes each slide's result atomically as soon as it i
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -19,34 +18,36 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (ray job submit ... python batch/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batch.inputs import Slide, expand, iter_slides  # noqa: E402
+from batch.inputs import Slide, expand, iter_slides, slide_name  # noqa: E402
+from batch.overlay import overlay_path  # noqa: E402
 from batch.results import classified, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
 from batch.slides import DEFAULT_MAX_PIXELS  # noqa: E402
-from cells.contract import MODEL_NAME  # noqa: E402
+from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
+from cells.errors import describe  # noqa: E402
 
 PROGRESS_EVERY_S = 10.0
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="batch/run.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs, .zip/.tar/.tar.gz archives")
-    parser.add_argument("--output", type=Path, required=True, help="results folder (reused: finished slides are skipped)")
-    parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; default: start an embedded one")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME)
-    parser.add_argument("--repository", type=Path, default=Path(__file__).resolve().parents[1] / "model_repository",
-                        help="model repository for the embedded Triton")
-    parser.add_argument("--batch-size", type=int, default=64, help="crops per inference request")
-    parser.add_argument("--max-in-flight", type=int, default=4, help="inference requests in flight")
-    parser.add_argument("--max-pending", type=int, default=0, help="slides being decoded at once (default: 2 per CPU)")
-    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused")
-    parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
-    parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=True,
-                        help="recolour each slide's cells to the training data's stain (cells/stain.py)")
-    parser.add_argument("--overlays", action="store_true", help="write overlays/<slide>.png with boxes coloured by class")
-    parser.add_argument("--overwrite", action="store_true", help="redo slides already finished in --output")
-    return parser
+@dataclass
+class BatchOptions:
+    """The batch job's settings; `smearscope run --help` documents each (batch/commands.py)."""
+
+    inputs: list[str]
+    output: Path
+    triton_urls: tuple[str, ...] = ()  # empty: start an embedded Triton on `repository`
+    protocol: str = "grpc"
+    model: str = MODEL_NAME
+    repository: Path = DEFAULT_REPOSITORY
+    batch_size: int = REQUEST_BATCH_SIZE
+    max_in_flight: int = MAX_IN_FLIGHT
+    max_pending: int = 0  # slides being prepared at once; 0: two per CPU
+    ray_address: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    keep_border_cells: bool = False
+    stain_normalise: bool = True
+    overlays: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _prepare_remote():
     return prepare_slide
 
 
-async def process(args: argparse.Namespace, urls: list[str]) -> tuple[Progress, str]:
+async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, str]:
     """Stream slides through Ray workers and Triton; each finished slide is written at once.
 
     Returns the progress and the model version the server reported serving.
@@ -119,13 +120,13 @@ async def process(args: argparse.Namespace, urls: list[str]) -> tuple[Progress, 
     from deploy.client import ClientOptions, InferenceRejected, ServersUnavailable, TritonClassifier
 
     prepare_slide = _prepare_remote()
-    output: Path = args.output
-    done = set() if args.overwrite else finished_keys(output)
+    output = options.output
+    done = set() if options.overwrite else finished_keys(output)
     progress = Progress()
-    max_pending = args.max_pending or 2 * max(1, int(os.cpu_count() or 1))
+    max_pending = options.max_pending or 2 * max(1, int(os.cpu_count() or 1))
     gate = asyncio.Semaphore(max_pending)
-    options = ClientOptions(tuple(urls), protocol=args.protocol, model=args.model,
-                            batch_size=args.batch_size, max_in_flight=args.max_in_flight)
+    client_options = ClientOptions(tuple(urls), protocol=options.protocol, model=options.model,
+                                   batch_size=options.batch_size, max_in_flight=options.max_in_flight)
 
     async def handle(slide: Slide, classifier: TritonClassifier) -> None:
         started = time.monotonic()
@@ -133,33 +134,34 @@ async def process(args: argparse.Namespace, urls: list[str]) -> tuple[Progress, 
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
-                prepared = await prepare_slide.remote(slide, args.max_pixels, args.overlays, args.keep_border_cells,
-                                                      args.stain_normalise)
+                prepared = await prepare_slide.remote(slide, options.max_pixels, options.overlays,
+                                                      options.keep_border_cells, options.stain_normalise)
                 if isinstance(prepared, str):
                     result = failed(slide.slide_id, slide.source, prepared)
                 else:
                     probabilities = await classifier.classify(prepared.crops)
                     result = classified(slide.slide_id, slide.source, prepared.boxes, prepared.areas, probabilities,
                                         prepared.width, prepared.height, time.monotonic() - started)
-                    if args.overlays:
-                        await asyncio.to_thread(draw_overlay, prepared.image, result.cell_rows,
-                                                output / "overlays" / f"{slide.key}.png")
+                    if options.overlays:
+                        path = overlay_path(output, slide)
+                        await asyncio.to_thread(draw_overlay, prepared.image, result.cell_rows, path)
+                        result.overlay = str(path.relative_to(output))
         except (InferenceRejected, ServersUnavailable) as error:
             print(f"lost {slide.slide_id}: {error}", file=sys.stderr, flush=True)
             progress.add(0, lost=True)
             return
         except Exception as error:  # noqa: BLE001 - a worker crash fails this slide, not the run
             cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's exception
-            result = failed(slide.slide_id, slide.source, f"internal error: {type(cause).__name__}: {str(cause).splitlines()[0][:160]}")
+            result = failed(slide.slide_id, slide.source, f"internal error: {describe(cause, 160)}")
         finally:
             gate.release()
         write_part(output, slide.key, result)
         progress.add(result.cells, error=result.status == "error")
 
     skipped = 0
-    async with TritonClassifier(options) as classifier:
+    async with TritonClassifier(client_options) as classifier:
         tasks = []
-        for slide in iter_slides(args.input):
+        for slide in iter_slides(options.inputs):
             if slide.key in done:
                 skipped += 1
                 continue
@@ -191,7 +193,7 @@ def _start_ray(address: str | None) -> None:
 def summary_table(results: list) -> str:
     lines = [f"{'slide':<48} {'status':<6} {'cells':>6} {'parasitized':>11} {'parasitemia %':>13}"]
     for result in sorted(results, key=lambda r: r.slide):
-        name = Path(result.slide.split("!")[-1]).name
+        name = slide_name(result.slide)
         if result.status == "ok":
             lines.append(f"{name[-48:]:<48} {'ok':<6} {result.cells:>6} {result.parasitized:>11} {result.parasitemia_pct:>13.2f}")
         else:
@@ -199,41 +201,42 @@ def summary_table(results: list) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: BatchOptions) -> int:
     """Start what is missing (Ray, Triton), process, write tables and run.json; exit code for the caller."""
     import ray
 
     from deploy.server import EmbeddedServer
 
     started = time.monotonic()
-    args.output.mkdir(parents=True, exist_ok=True)
-    expand(args.input)  # fail fast on inputs that do not exist
+    options.output.mkdir(parents=True, exist_ok=True)
+    expand(options.inputs)  # fail fast on inputs that do not exist
     server = None
-    if not args.triton_url:
-        server = EmbeddedServer(args.repository, name=args.model).start()
-        print(f"embedded Triton on grpc {server.grpc_url} (model {args.model} from {args.repository})", flush=True)
-    urls = args.triton_url or [server.grpc_url if args.protocol == "grpc" else server.http_url]
+    if not options.triton_urls:
+        server = EmbeddedServer(options.repository, name=options.model).start()
+        print(f"embedded Triton on grpc {server.grpc_url} (model {options.model} from {options.repository})", flush=True)
+    urls = list(options.triton_urls) or [server.grpc_url if options.protocol == "grpc" else server.http_url]
     try:
-        _start_ray(args.ray_address)
-        progress, model_version = asyncio.run(process(args, urls))
+        _start_ray(options.ray_address)
+        startup = time.monotonic() - started  # Triton and Ray ready: what every run pays before its first slide
+        progress, model_version = asyncio.run(process(options, urls))
     finally:
         if ray.is_initialized():
             ray.shutdown()
         if server is not None:
             server.stop()
-    results = read_parts(args.output)
-    slides, cells = write_tables(args.output, results)
+    results = read_parts(options.output)
+    slides, cells = write_tables(options.output, results)
     wall = time.monotonic() - started
     ok = sum(r.status == "ok" for r in results)
     report = {
-        "inputs": args.input,
-        "output": str(args.output),
-        "model": args.model,
+        "inputs": options.inputs,
+        "output": str(options.output),
+        "model": options.model,
         "model_version": model_version,
         "triton_urls": urls,
-        "protocol": args.protocol,
+        "protocol": options.protocol,
         "embedded_triton": server is not None,
-        "stain_normalise": args.stain_normalise,
+        "stain_normalise": options.stain_normalise,
         "slides": slides,
         "slides_ok": ok,
         "slides_error": slides - ok,
@@ -243,27 +246,23 @@ def run(args: argparse.Namespace) -> int:
         "cells": cells,
         "cells_this_run": progress.cells,
         "wall_seconds": round(wall, 2),
+        "startup_seconds": round(startup, 2),
         "cells_per_second": round(progress.cells / wall, 2),
+        "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
         "slides_per_second": round((progress.done - progress.lost) / wall, 3),
     }
-    (args.output / "run.json").write_text(json.dumps(report, indent=2))
+    (options.output / "run.json").write_text(json.dumps(report, indent=2))
     print(summary_table(results))
     print(f"{slides} slides ({ok} ok, {slides - ok} error, {progress.lost} lost), {cells} cells; "
           f"this run: {progress.done - progress.lost} slides in {wall:.1f}s, {report['cells_per_second']} cells/s. "
-          f"Results in {args.output}", flush=True)
+          f"Results in {options.output}", flush=True)
     if progress.lost or ok == 0:
         return 1
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"batch/run.py: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from batch.commands import configure_run
+    from cells.cli import standalone
+
+    raise SystemExit(standalone("batch/run.py", __doc__.splitlines()[0], configure_run))

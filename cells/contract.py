@@ -15,6 +15,8 @@ OUTPUT_DTYPE = "FP32"
 CLASSES = ("Parasitized", "Uninfected")
 PARASITIZED = CLASSES.index("Parasitized")
 LABELS_FILE = "labels.txt"
+# Image files every stage reads (cell folders, smear fields, archive members).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
 
 
 def write_labels(directory: Path) -> Path:
@@ -22,3 +24,10 @@ def write_labels(directory: Path) -> Path:
     path = Path(directory) / LABELS_FILE
     path.write_text("".join(f"{name}\n" for name in CLASSES))
     return path
+
+
+# Serving defaults shared by export (Triton config, TensorRT profile), the client and the batch job.
+MAX_BATCH_SIZE = 256  # the largest request Triton accepts, and the TensorRT profile's max
+OPT_BATCH_SIZE = 64  # the TensorRT profile's optimum
+REQUEST_BATCH_SIZE = 64  # crops per request the client sends
+MAX_IN_FLIGHT = 4  # requests the client keeps in flight

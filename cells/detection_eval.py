@@ -4,14 +4,13 @@
 evaluate-slides`, can reuse it. The IML loader and the border rule live here too, because scores
 are only comparable when every run leaves out the same boxes.
 
-    python -m cells.detection_eval --images DIR --annotations FILE
+    smearscope evaluate-detection --images DIR --annotations FILE
 
 prints found vs annotated per field, then overall P/R/F1, what the errors are
 (`explain_errors`) and mean seconds per field.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cells.errors import MissingInput
 
 Box = tuple[int, int, int, int]  # x, y (top-left), width, height, in pixels
 
@@ -257,6 +258,8 @@ def infected_found(
 
 def load_annotations(path: Path) -> dict[str, list[AnnotatedBox]]:
     """IML annotations.json -> {image name: [AnnotatedBox]}; coordinates arrive as strings."""
+    if not Path(path).is_file():
+        raise MissingInput(f"annotations not found: {path}")
     result = {}
     for entry in json.loads(Path(path).read_text()):
         objects = []
@@ -274,46 +277,36 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print found vs annotated per field, then overall P/R/F1 and mean seconds per field."""
+def print_detection_report(images: Path, annotations_path: Path, margin: int = BORDER_MARGIN) -> Match:
+    """Print found vs annotated per field, then overall P/R/F1, the error kinds and mean seconds per field."""
     from cells.find import find_cells  # here, so the metrics import without scikit-image
 
-    parser = argparse.ArgumentParser(description="Score cells.find on annotated smear fields.")
-    parser.add_argument("--images", type=Path, required=True, help="folder of field images")
-    parser.add_argument("--annotations", type=Path, required=True, help="IML annotations.json")
-    parser.add_argument("--margin", type=int, default=BORDER_MARGIN, help="border rule, px")
-    args = parser.parse_args(argv)
-
-    annotations = load_annotations(args.annotations)
+    annotations = load_annotations(annotations_path)
     total = Match(0, 0, 0)
     errors: Counter[str] = Counter()
     infected = np.zeros(2, dtype=int)
     seconds = 0.0
     print(f"{'field':<16}{'found':>6}{'annot':>6}{'TP':>6}{'FP':>5}{'FN':>5}{'F1':>7}")
     for name in sorted(annotations):
-        image = load_rgb(args.images / name)
+        image = load_rgb(images / name)
         height, width = image.shape[:2]
         start = time.perf_counter()
         boxes = [cell.box for cell in find_cells(image, keep_border=True)]
         seconds += time.perf_counter() - start
-        match = score_field(boxes, annotations[name], width, height, args.margin)
+        match = score_field(boxes, annotations[name], width, height, margin)
         infected += infected_found(boxes, annotations[name])
-        errors += explain_errors(boxes, annotations[name], match, width, height, args.margin)
+        errors += explain_errors(boxes, annotations[name], match, width, height, margin)
         total = total + match
         print(
             f"{name:<16}{match.tp + match.fp:>6}{match.tp + match.fn:>6}"
             f"{match.tp:>6}{match.fp:>5}{match.fn:>5}{match.f1:>7.3f}"
         )
     print(
-        f"\n{len(annotations)} fields, border margin {args.margin} px: TP {total.tp}  FP {total.fp}"
+        f"\n{len(annotations)} fields, border margin {margin} px: TP {total.tp}  FP {total.fp}"
         f"  FN {total.fn}  precision {total.precision:.4f}  recall {total.recall:.4f}"
         f"  F1 {total.f1:.4f}"
     )
     print("errors: " + ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items())))
     print(f"infected cells found (IoU >= {MIN_IOU}, border included): {infected[0]}/{infected[1]}")
     print(f"mean seconds per field (find_cells only): {seconds / max(len(annotations), 1):.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return total

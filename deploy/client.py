@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cells.contract import CLASSES, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, MODEL_NAME, OUTPUT_DTYPE, OUTPUT_NAME
+from cells.contract import (
+    CLASSES, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME, OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
+)
+from cells.errors import BadInput, UserError, describe, first_line
 
 # Statuses that mean "this server cannot take it now", not "this request is wrong".
 RETRYABLE_STATUSES = {
@@ -29,7 +32,7 @@ RETRYABLE_STATUSES = {
 }
 
 
-class ContractError(ValueError):
+class ContractError(UserError, ValueError):
     """The served model does not match the contract in cells.contract."""
 
 
@@ -37,7 +40,7 @@ class InferenceRejected(ValueError):
     """The server refused the request as invalid; retrying would not help."""
 
 
-class ServersUnavailable(RuntimeError):
+class ServersUnavailable(UserError, RuntimeError):
     """No server answered within the retries."""
 
 
@@ -46,8 +49,8 @@ class ClientOptions:
     urls: tuple[str, ...]
     protocol: str = "grpc"
     model: str = MODEL_NAME
-    batch_size: int = 64
-    max_in_flight: int = 4
+    batch_size: int = REQUEST_BATCH_SIZE
+    max_in_flight: int = MAX_IN_FLIGHT
     timeout_s: float = 60.0
     retries: int = 6
     backoff_s: float = 0.2
@@ -55,9 +58,9 @@ class ClientOptions:
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be grpc or http, not {self.protocol!r}")
+            raise BadInput(f"protocol must be grpc or http, not {self.protocol!r}")
         if not self.urls:
-            raise ValueError("at least one Triton URL is needed")
+            raise BadInput("at least one Triton URL is needed")
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -75,8 +78,8 @@ def _message(error: BaseException) -> str:
     from tritonclient.utils import InferenceServerException
 
     if isinstance(error, InferenceServerException):
-        return error.message().splitlines()[0] if error.message() else str(error)
-    return f"{type(error).__name__}: {error}".splitlines()[0]
+        return first_line(error.message() or error)
+    return describe(error)
 
 
 def check_contract(metadata: dict, model: str) -> None:

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from cells.contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
-from export.triton_config import VERSION, read_model_config
+from cells.errors import UserError
+from cells.repository import CONFIG_FILE, model_dir, read_model_config, version_dir
 
 ACCESS_TOKEN_ENV = "SMEARSCOPE_TRITON_ACCESS_TOKEN"
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
     """The server cannot start: a busy port, or no servable model in the repository."""
 
 
@@ -49,15 +50,15 @@ def check_port_free(host: str, port: int) -> None:
 
 def servable_onnx(options: ServeOptions) -> tuple[Path, object]:
     """The ONNX file and parsed config of the named model, or a one-line reason why not."""
-    model_dir = Path(options.repository) / options.name
-    if not (model_dir / "config.pbtxt").is_file():
-        raise ServeError(f"no model {options.name!r} in repository {options.repository} (missing config.pbtxt)")
-    config = read_model_config(model_dir)
-    onnx = model_dir / str(VERSION) / "model.onnx"
+    model = model_dir(options.repository, options.name)
+    if not (model / CONFIG_FILE).is_file():
+        raise ServeError(f"no model {options.name!r} in repository {options.repository} (missing {CONFIG_FILE})")
+    config = read_model_config(model)
+    onnx = version_dir(options.repository, options.name) / "model.onnx"
     if not onnx.is_file():
         raise ServeError(
-            f"{model_dir} has no {VERSION}/model.onnx; this CPU server runs ONNX models "
-            "(a model.plan needs the GPU container, see deploy/README)"
+            f"{model} has no {onnx.parent.name}/model.onnx; this CPU server runs ONNX models "
+            "(a model.plan needs the GPU container: deploy/gpu/docker-compose.yml)"
         )
     return onnx, config
 

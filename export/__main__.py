@@ -1,5 +1,5 @@
-import sys
+"""`python -m export`: the same command as `smearscope export`."""
+from cells.cli import standalone
+from export.commands import configure_export
 
-from smearscope.cli import main
-
-raise SystemExit(main(["export", *sys.argv[1:]]))
+raise SystemExit(standalone("python -m export", "Keras -> ONNX (-> TensorRT) -> Triton model repository", configure_export))

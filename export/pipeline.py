@@ -9,19 +9,20 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 
-from smearscope.cli import DEFAULT_PARITY_DATA
+from cells.contract import OPT_BATCH_SIZE
+from cells.errors import UserError, first_line
+from cells import repository as layout
+from export.cpu_model import gate_cells, int8_model
 from export.onnx_model import keras_to_onnx, to_fp16
+from export.parity import DEFAULT_PARITY_DATA, check_gate, parity
 from export.tensorrt import EngineProfile, TensorRTUnavailable, build_engine
-from export.triton_config import VERSION, ServingParameters, write_model_config
+from export.triton_config import ServingParameters, write_model_config
 
-FP32_TOLERANCE = 1e-4
-FP16_MIN_AGREEMENT = 0.995
 REPORT_FILE = "export_report.json"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export cannot produce a repository that serves the same answers as the Keras model."""
 
 
@@ -32,34 +33,16 @@ class ExportOptions:
     serving: ServingParameters = field(default_factory=ServingParameters)
     fp16: bool = True
     tensorrt: bool = False
-    opt_batch: int = 64
+    opt_batch: int = OPT_BATCH_SIZE
     parity_data: Path = DEFAULT_PARITY_DATA
+    int8: bool = True  # serve an INT8 model to CPUs (export/cpu_model.py), gated on validation cells
+    calibration_data: Path | None = None  # labelled cells for INT8 calibration and its gate; default parity_data
+    split: Path | None = None  # a run's split.json: calibrate on its training patients, gate on its validation ones
     work_dir: Path | None = None
 
 
 def _log(message: str) -> None:
     print(f"export: {message}", flush=True)
-
-
-def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Max |diff| of probabilities and the share of identical predicted classes."""
-    return {
-        "max_abs_diff": float(np.max(np.abs(reference - candidate))) if len(reference) else 0.0,
-        "class_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))) if len(reference) else 1.0,
-    }
-
-
-def check_gate(fp32: dict, fp16: dict | None) -> list[str]:
-    """Reasons the export fails its parity gate (empty when it passes)."""
-    failures = []
-    if fp32["max_abs_diff"] > FP32_TOLERANCE or fp32["class_agreement"] < 1.0:
-        failures.append(
-            f"FP32 ONNX differs from Keras: max |diff| {fp32['max_abs_diff']:.2e} (limit {FP32_TOLERANCE:g}), "
-            f"class agreement {fp32['class_agreement']:.2%}"
-        )
-    if fp16 is not None and fp16["class_agreement"] < FP16_MIN_AGREEMENT:
-        failures.append(f"FP16 ONNX class agreement {fp16['class_agreement']:.2%} < {FP16_MIN_AGREEMENT:.1%}")
-    return failures
 
 
 def _sha256(path: Path) -> str:
@@ -107,7 +90,7 @@ def export(options: ExportOptions) -> dict:
     try:
         model = keras.models.load_model(model_path, compile=False)
     except Exception as error:  # noqa: BLE001 - any load failure means "not a usable Keras model"
-        raise ExportError(f"cannot load {model_path} as a Keras model: {str(error).splitlines()[0][:200]}") from error
+        raise ExportError(f"cannot load {model_path} as a Keras model: {first_line(error)}") from error
     _log(f"loaded {model_path} ({model.count_params():,} parameters)")
 
     work = Path(options.work_dir or model_path.parent / "export")
@@ -124,6 +107,12 @@ def export(options: ExportOptions) -> dict:
     fp16 = parity(reference, OnnxClassifier(fp16_path)(cells.images)) if fp16_path else None
     _log(f"parity on {len(cells.labels)} cells of {options.parity_data}: FP32 {fp32}" + (f", FP16 {fp16}" if fp16 else ""))
     failures = check_gate(fp32, fp16)
+    int8_path, int8_report = None, None
+    if options.int8:
+        calibration, validation = gate_cells(options.calibration_data or options.parity_data, options.split)
+        int8_path, int8_report, int8_failures = int8_model(fp32_path, work, calibration, validation)
+        _log(f"INT8 on {int8_report['validation_images']} validation cells: {int8_report}")
+        failures += int8_failures
     report = {
         "source_model": str(model_path),
         "source_sha256": _sha256(model_path),
@@ -132,8 +121,9 @@ def export(options: ExportOptions) -> dict:
         "parity_images": int(len(cells.labels)),
         "fp32_vs_keras": fp32,
         "fp16_vs_keras": fp16,
+        "int8_vs_fp32": int8_report,
         "sizes_bytes": {"onnx_fp32": fp32_path.stat().st_size, "onnx_fp16": fp16_path.stat().st_size if fp16_path else None},
-        "served_onnx": "fp16" if fp16_path else "fp32",
+        "served_onnx": "int8" if int8_path else "fp16" if fp16_path else "fp32",
         "tensorrt_profile": profile.shapes(),
         "versions": _versions(),
         "gate_passed": not failures,
@@ -142,10 +132,15 @@ def export(options: ExportOptions) -> dict:
         (work / REPORT_FILE).write_text(json.dumps(report, indent=2))
         raise ExportError("parity gate failed, repository not written: " + "; ".join(failures))
 
-    model_dir = Path(options.repository) / options.serving.name
-    version_dir = model_dir / str(VERSION)
+    model_dir = layout.model_dir(options.repository, options.serving.name)
+    version_dir = layout.version_dir(options.repository, options.serving.name)
     version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(fp16_path or fp32_path, version_dir / "model.onnx")
+    shutil.copyfile(int8_path or fp16_path or fp32_path, version_dir / "model.onnx")
+    source = model_dir / layout.SOURCE_DIR / "model.onnx"
+    source.unlink(missing_ok=True)
+    if int8_path:
+        source.parent.mkdir(exist_ok=True)
+        shutil.copyfile(fp16_path or fp32_path, source)
     (version_dir / "model.plan").unlink(missing_ok=True)
     tensorrt_error = None
     if options.tensorrt:
@@ -160,4 +155,34 @@ def export(options: ExportOptions) -> dict:
     _log(f"repository written: {config} ({report['wall_seconds']}s)")
     if tensorrt_error:
         raise ExportError(f"{tensorrt_error} (the repository keeps its ONNX model)")
+    return report
+
+
+def quantize_repository(repository: Path, name: str, data: Path, split: Path | None, work: Path) -> dict:
+    """Give an exported repository its INT8 CPU model (no Keras needed): the served ONNX moves to
+    source/ for GPU engines, the gated INT8 takes its place. Nothing changes if the gate fails."""
+    from export.cpu_model import upcast_to_fp32
+
+    version = layout.version_dir(repository, name)
+    served = version / "model.onnx"
+    source = layout.model_dir(repository, name) / layout.SOURCE_DIR / "model.onnx"
+    original = source if source.is_file() else served
+    if not original.is_file():
+        raise ExportError(f"no ONNX model to quantise in {version}")
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
+    calibration, validation = gate_cells(data, split)
+    int8, report, failures = int8_model(fp32, work, calibration, validation)
+    _log(f"INT8 on {report['validation_images']} validation cells: {report}")
+    if failures:
+        raise ExportError("INT8 gate failed, repository unchanged: " + "; ".join(failures))
+    if not source.is_file():
+        source.parent.mkdir(exist_ok=True)
+        shutil.move(served, source)
+    shutil.copyfile(int8, served)
+    report_path = layout.model_dir(repository, name) / REPORT_FILE
+    export_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    export_report |= {"int8_vs_fp32": report, "served_onnx": "int8", "int8_source": str(original)}
+    report_path.write_text(json.dumps(export_report, indent=2))
+    _log(f"{served} is INT8 now ({int8.stat().st_size / 1e6:.1f} MB); {source} keeps the model GPU engines are built from")
     return report

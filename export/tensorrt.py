@@ -9,24 +9,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cells.contract import INPUT_NAME, INPUT_SHAPE
+from cells.contract import INPUT_NAME, INPUT_SHAPE, MAX_BATCH_SIZE, OPT_BATCH_SIZE
+from cells.errors import BadInput, UserError
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(UserError, RuntimeError):
     """`import tensorrt` failed: build the engine on the GPU host instead."""
 
 
 @dataclass(frozen=True)
 class EngineProfile:
     min_batch: int = 1
-    opt_batch: int = 64
-    max_batch: int = 256
+    opt_batch: int = OPT_BATCH_SIZE
+    max_batch: int = MAX_BATCH_SIZE
     fp16: bool = True
     workspace_mib: int = 4096
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(
+            raise BadInput(
                 f"need 1 <= min ({self.min_batch}) <= opt ({self.opt_batch}) <= max batch ({self.max_batch})"
             )
 
@@ -116,27 +117,12 @@ def _gpu_name() -> str:
     return names[0] if result.returncode == 0 and names else "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build model.plan from the repository's ONNX model and regenerate config.pbtxt (GPU host)."""
-    import argparse
+def build_repository_engine(repository: Path, name: str, profile: EngineProfile) -> tuple[dict, Path]:
+    """On the GPU host: model.plan from the repository's ONNX model, and config.pbtxt regenerated for it."""
+    from cells.repository import engine_source, version_dir
+    from export.triton_config import ServingParameters, write_model_config
 
-    from cells.contract import MODEL_NAME
-    from export.triton_config import VERSION, ServingParameters, write_model_config
-
-    parser = argparse.ArgumentParser(prog="python -m export.tensorrt", description=main.__doc__)
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--name", default=MODEL_NAME)
-    parser.add_argument("--opt-batch", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
-    version_dir = args.repository / args.name / str(VERSION)
-    profile = EngineProfile(opt_batch=args.opt_batch, max_batch=args.max_batch, fp16=args.fp16)
-    metadata = build_engine(version_dir / "model.onnx", version_dir / "model.plan", profile, args.repository / "timing.cache")
-    config = write_model_config(args.repository, ServingParameters(name=args.name, max_batch_size=args.max_batch))
-    print(f"built {version_dir / 'model.plan'} with TensorRT {metadata['tensorrt_version']} on {metadata['gpu']}; wrote {config}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    plan = version_dir(repository, name) / "model.plan"
+    metadata = build_engine(engine_source(repository, name), plan, profile, Path(repository) / "timing.cache")
+    config = write_model_config(repository, ServingParameters(name=name, max_batch_size=profile.max_batch))
+    return metadata, config

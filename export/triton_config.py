@@ -7,29 +7,20 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from cells.contract import CLASSES, IMAGE_SIZE, CHANNELS, INPUT_NAME, LABELS_FILE, MODEL_NAME, OUTPUT_NAME, write_labels
-
-CONFIG_FILE = "config.pbtxt"
-VERSION = 1
-PLATFORM_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
+from cells.contract import (
+    CHANNELS, CLASSES, IMAGE_SIZE, INPUT_NAME, LABELS_FILE, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME, write_labels,
+)
+from cells.repository import CONFIG_FILE, model_dir, platform_of, version_dir
 
 
 @dataclass(frozen=True)
 class ServingParameters:
     name: str = MODEL_NAME
-    max_batch_size: int = 256
+    max_batch_size: int = MAX_BATCH_SIZE
     preferred_batch_sizes: tuple[int, ...] = (16, 32, 64)
     max_queue_delay_microseconds: int = 2000
     instance_count: int = 1
     onnx_on_gpu: bool = False
-
-
-def platform_of(version_dir: Path) -> str:
-    """tensorrt_plan when the version holds an engine, else onnxruntime_onnx; an empty version is an error."""
-    for platform, filename in PLATFORM_FILES.items():
-        if (version_dir / filename).is_file():
-            return platform
-    raise FileNotFoundError(f"no model.plan or model.onnx in {version_dir}")
 
 
 def build_config(params: ServingParameters, platform: str) -> pb.ModelConfig:
@@ -59,14 +50,8 @@ def build_config(params: ServingParameters, platform: str) -> pb.ModelConfig:
 
 def write_model_config(repository: Path, params: ServingParameters) -> Path:
     """Write config.pbtxt and labels for what the model's version directory holds now."""
-    model_dir = Path(repository) / params.name
-    config = build_config(params, platform_of(model_dir / str(VERSION)))
-    path = model_dir / CONFIG_FILE
+    config = build_config(params, platform_of(version_dir(repository, params.name)))
+    path = model_dir(repository, params.name) / CONFIG_FILE
     path.write_text(text_format.MessageToString(config))
-    write_labels(model_dir)
+    write_labels(path.parent)
     return path
-
-
-def read_model_config(model_dir: Path) -> pb.ModelConfig:
-    """Parse a config.pbtxt with Triton's schema; unknown fields are an error, as in Triton."""
-    return text_format.Parse(Path(model_dir, CONFIG_FILE).read_text(), pb.ModelConfig())

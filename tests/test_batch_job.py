@@ -84,6 +84,9 @@ def test_embedded_default_writes_every_output(embedded_run):
     assert report["model"] == MODEL_NAME and report["model_version"] == "1"  # as the server reports it
     assert (output / "slides.csv").read_text().startswith("\"slide\"")
     assert len(list((output / "overlays").glob("*.png"))) == len(ok)
+    for slide in ok:  # overlays are named after their slide, and slides.csv says which is whose
+        assert slide["overlay"].startswith(f"overlays/{Path(slide['slide']).stem}-") and (output / slide["overlay"]).is_file()
+    assert "\"overlay\"" in (output / "slides.csv").read_text().splitlines()[0]
     assert "parasitemia %" in result.stdout
 
 

@@ -44,12 +44,27 @@ def test_compose_builds_the_engine_before_serving():
     assert triton["depends_on"]["engine"]["condition"] == "service_completed_successfully"
     assert "--model-repository=/models" in triton["command"]
     script = (DEPLOY / "gpu" / "build-engine.sh").read_text()
-    assert "python -m export.tensorrt" in script
+    assert "python -m smearscope build-engine" in script
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
 def test_engine_entry_point_without_tensorrt_names_trtexec(tmp_path):
-    from export.tensorrt import TensorRTUnavailable, main
+    from export.tensorrt import TensorRTUnavailable
+    from smearscope.cli import main
 
     with pytest.raises(TensorRTUnavailable, match="trtexec --onnx="):
-        main(["--repository", str(tmp_path)])
+        main(["build-engine", "--debug", "--repository", str(tmp_path)])
+
+
+def test_cpu_compose_serves_the_generated_cpu_config():
+    from cells.repository import read_model_config
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    compose = yaml.safe_load((DEPLOY / "cpu" / "docker-compose.yml").read_text())
+    (triton,) = compose["services"].values()
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and "deploy" not in triton  # no GPU reserved
+    assert "--model-repository=/models" in triton["command"]
+    assert triton["volumes"] == ["../../model_repository:/models:ro"]
+    config = read_model_config(DEPLOY.parent / "model_repository" / "malaria_resnet50v2")
+    assert config.platform == "onnxruntime_onnx"
+    assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from cells.contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME
-from export.pipeline import check_gate, parity
+from export.parity import check_gate, parity
 from export.tensorrt import EngineProfile, trtexec_command
-from export.triton_config import ServingParameters, read_model_config, write_model_config
+from cells.repository import read_model_config
+from export.triton_config import ServingParameters, write_model_config
 from tests.conftest import run_cli
 
 

@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from train.soup import average_weights, main
+from smearscope.cli import main
+from train.soup import average_weights
 
 
 def small_model(seed: int, width: int = 8) -> keras.Model:
@@ -27,7 +28,7 @@ def test_soup_file_holds_the_mean_of_every_weight(tmp_path):
         paths.append(tmp_path / f"m{index}.keras")
         model.save(paths[-1])
 
-    assert main(["--models", *map(str, paths), "--out", str(tmp_path / "soup" / "model.keras")]) == 0
+    assert main(["soup", "--models", *map(str, paths), "--out", str(tmp_path / "soup" / "model.keras")]) == 0
 
     souped = keras.models.load_model(tmp_path / "soup" / "model.keras", compile=False)
     moving_means = [w for w in souped.weights if "moving_mean" in w.path]
@@ -44,6 +45,5 @@ def test_models_of_different_architectures_are_refused():
 
 
 def test_missing_model_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--models", str(tmp_path / "absent.keras"), "--out", str(tmp_path / "soup.keras")])
+    assert main(["soup", "--models", str(tmp_path / "absent.keras"), "--out", str(tmp_path / "soup.keras")]) == 1
     assert "model not found" in capsys.readouterr().err

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cells.contract import CLASSES
+from cells.contract import CLASSES, IMAGE_SUFFIXES
 from cells.crop import crop_cell
+from cells.errors import BadInput
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # Infected patients: C<slide>[letters]P<patient>..., e.g. C51AP12thinF -> P12, C37BP2_thinF -> P2.
 INFECTED_NAME = re.compile(r"^C\d+[A-Za-z]*P(\d+)")
 # Healthy donors: C<slide>... with no P<n>; the slide is the patient, e.g. C1_thinF, C3thin_original.
 HEALTHY_NAME = re.compile(r"^C(\d+)")
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """A data folder that cannot be used at all (wrong path, missing class folder, no images)."""
 
 
@@ -34,7 +34,7 @@ def patient_id(filename: str) -> str:
     healthy = HEALTHY_NAME.match(name)
     if healthy:
         return f"C{int(healthy.group(1))}"
-    raise ValueError(f"cannot parse a patient id from {name!r}")
+    raise BadInput(f"cannot parse a patient id from {name!r}")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def split_samples(
         train = [samples[i] for i in sorted(order[n_val:])]
         info = {"train_patients": sorted({s.patient for s in train}), "val_patients": sorted({s.patient for s in val})}
     else:
-        raise ValueError(f"unknown split {mode!r} (patient or random)")
+        raise BadInput(f"unknown split {mode!r} (patient or random)")
     info.update(
         split=mode,
         val_fraction=val_fraction,

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from cells.contract import CLASSES
+from cells.errors import BadInput, MissingInput
 from cells.runtime import OnnxClassifier, predict_in_batches
 from train.data import CellSet, list_samples, load_cells
 from train.metrics import classification_metrics
@@ -26,14 +27,14 @@ def load_predictor(path: Path) -> Predictor:
     """A predictor for a saved model file, by its suffix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path}")
+        raise MissingInput(f"model not found: {path}")
     if path.suffix == ".onnx":
         return OnnxClassifier(path)
     if path.suffix in (".keras", ".h5"):
         import keras
 
         return keras_predictor(keras.models.load_model(path, compile=False))
-    raise ValueError(f"unsupported model file {path.name} (expected .keras or .onnx)")
+    raise BadInput(f"unsupported model file {path.name} (expected .keras or .onnx)")
 
 
 def write_evaluation(predictor: Predictor, cells: CellSet, out: Path, extra: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from cells.contract import CLASSES, IMAGE_SIZE
+from cells.errors import BadInput
 from cells.stain import StainStats, stain_stats
 from train.data import list_samples, load_cell, load_cells
 
@@ -82,7 +83,7 @@ def stain_reference(data_dir: Path, patients: set[str] | None = None) -> StainSt
     """
     samples = [s for s in list_samples(data_dir) if patients is None or s.patient in patients]
     if not samples:
-        raise ValueError(f"none of the patients asked for have cells in {data_dir}")
+        raise BadInput(f"none of the patients asked for have cells in {data_dir}")
     per_patient = []
     for patient in sorted({s.patient for s in samples}):
         cells = load_cells([s for s in samples if s.patient == patient])

@@ -6,6 +6,7 @@ from collections import defaultdict
 import numpy as np
 
 from cells.contract import CLASSES, PARASITIZED
+from cells.stats import ratio
 
 
 def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
@@ -27,10 +28,6 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _ratio(numerator: int, denominator: int) -> float | None:
-    return numerator / denominator if denominator else None
-
-
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, patients: list[str]) -> dict:
     """Accuracy, sensitivity/specificity/precision/F1 for Parasitized, ROC AUC, confusion, per patient.
 
@@ -43,7 +40,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, patien
     fn = int(np.sum(is_pos & ~said_pos))
     fp = int(np.sum(~is_pos & said_pos))
     tn = int(np.sum(~is_pos & ~said_pos))
-    precision, sensitivity = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
     f1 = (
         2 * precision * sensitivity / (precision + sensitivity)
         if precision is not None and sensitivity is not None and precision + sensitivity > 0
@@ -59,7 +56,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, patien
         "images": int(len(labels)),
         "accuracy": float(np.mean(labels == predicted)) if len(labels) else None,
         "sensitivity": sensitivity,
-        "specificity": _ratio(tn, tn + fp),
+        "specificity": ratio(tn, tn + fp),
         "precision": precision,
         "f1": f1,
         "roc_auc": roc_auc(is_pos, probabilities[:, PARASITIZED]),

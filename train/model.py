@@ -6,12 +6,13 @@ from pathlib import Path
 import keras
 
 from cells.contract import CLASSES, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+from cells.errors import UserError
 
 # The tutorial architecture at 128x128x3; asserted by the tests.
 EXPECTED_PARAMETERS = 23_827_330
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """ImageNet weights could not be fetched, or a weights file is unusable."""
 
 

@@ -1,35 +1,36 @@
-"""Training on a borrowed accelerator host: Keras on JAX (or PyTorch), no TensorFlow, no data folder.
+"""Train on an accelerator host that has Keras on JAX (or PyTorch) but no TensorFlow and no data folder.
 
-Such a host (the `device` tool of this workplace) has one GPU but neither TensorFlow nor
-../shared/data; it takes at most 64 MiB of files and gives back at most 8 files of 16 MiB. So:
+The same recipe as `smearscope train` (train/recipe.py), in three steps:
 
   pack    (here)   the patient split's crops, made by `crop_cell` and WebP-encoded (quality 95, mean
-                   |error| 0.9 of 255), into one .npz of about 36 MB for all 14,035 cells;
-  fit     (there)  the recipe of train/recipe.py, the augmentation outside the jitted step, the
-                   epoch count fitted to a time budget once warm-up has timed an epoch; the weights
-                   come back as float16 shards (the released model is FP16 anyway);
+                   |error| 0.9 of 255), into one .npz (38.4 MiB for all 14,035 cells);
+  fit     (there)  the recipe under Keras on JAX, the augmentation outside the jitted step, the epoch
+                   count fitted to a time budget once warm-up has timed an epoch; the weights come
+                   back as float16 shards under 16 MiB each (the released model is FP16 anyway);
   import  (here)   shards -> model.keras, which `smearscope evaluate` re-scores on the original PNGs
                    and `smearscope export` exports.
+
+    smearscope remote pack --data DIR --out .carry/nih-cells.npz
+    train/remote.sh OUT_DIR SECONDS        # on the GPU host: python3 -m smearscope remote fit ...
+    smearscope remote import --weights OUT_DIR --out RUN_DIR/model.keras
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import keras
 import numpy as np
 from PIL import Image
 
 from cells.contract import CLASSES
+from cells.errors import BadInput
 from train.data import CellSet, list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, write_evaluation
-from train.flags import add_augment_flags, augment_settings
 from train.model import build_model
 from train.recipe import Augment, EpochState, TrainConfig, class_weights, compile_model, learning_rate_at, one_hot
 
@@ -210,11 +211,11 @@ def load_shards(model: keras.Model, folder: Path) -> None:
             stored.update({key: shard[key] for key in shard.files})
     current = model.get_weights()
     if len(stored) != len(current):
-        raise ValueError(f"{folder}: {len(stored)} weights in the shards, the model has {len(current)}")
+        raise BadInput(f"{folder}: {len(stored)} weights in the shards, the model has {len(current)}")
     weights = [stored[f"w{i:05d}"].astype(w.dtype) for i, w in enumerate(current)]
     mismatched = [i for i, (w, c) in enumerate(zip(weights, current)) if w.shape != c.shape]
     if mismatched:
-        raise ValueError(f"{folder}: weight {mismatched[0]} has shape {weights[mismatched[0]].shape}")
+        raise BadInput(f"{folder}: weight {mismatched[0]} has shape {weights[mismatched[0]].shape}")
     model.set_weights(weights)
 
 
@@ -225,56 +226,3 @@ def import_shards(folder: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.remote", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    packer = commands.add_parser("pack", help="split, crop and encode the cells into one .npz")
-    packer.add_argument("--data", type=Path, required=True)
-    packer.add_argument("--out", type=Path, required=True)
-    packer.add_argument("--quality", type=int, default=95)
-    fitter = commands.add_parser("fit", help="train on a pack (any Keras backend)")
-    fitter.add_argument("--pack", type=Path, required=True)
-    fitter.add_argument("--out", type=Path, required=True)
-    fitter.add_argument("--epochs", type=int, default=60, help="at most; fewer if the budget is short")
-    fitter.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget of the whole fit")
-    fitter.add_argument("--batch-size", type=int, default=64)
-    fitter.add_argument("--learning-rate", type=float, default=1e-3)
-    fitter.add_argument("--warmup-epochs", type=int, default=2)
-    fitter.add_argument("--seed", type=int, default=42, help="initialisation and augmentation")
-    add_augment_flags(fitter)
-    importer = commands.add_parser("import", help="weight shards -> model.keras")
-    importer.add_argument("--weights", type=Path, required=True, help="folder with weights-*.npz")
-    importer.add_argument("--out", type=Path, required=True, help="the model.keras to write")
-    packer.add_argument("--split", choices=("patient", "random"), default="patient")
-    packer.add_argument("--val-fraction", type=float, default=0.3)
-    packer.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
-
-    if args.command == "pack":
-        config = TrainConfig(data=args.data, out=args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed)
-        info = pack(args.data, args.out, config, args.quality)
-        size = args.out.stat().st_size / 2**20
-        print(f"wrote {args.out} ({size:.1f} MiB): {info['train_images']} train / {info['val_images']} val cells")
-    elif args.command == "fit":
-        config = TrainConfig(
-            data=args.pack,
-            out=args.out,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            warmup_epochs=args.warmup_epochs,
-            seed=args.seed,
-            **augment_settings(args),
-        )
-        metrics = fit(args.pack, args.out, config, args.budget_s)
-        keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
-        print(json.dumps({k: metrics[k] for k in keys} | {"epochs": config.epochs}))
-    else:
-        print(f"wrote {import_shards(args.weights, args.out)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,4 +11,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 backend=jax
 KERAS_BACKEND=jax python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__); keras.ops.convert_to_numpy(keras.ops.conv(keras.ops.ones((1, 8, 8, 3)), keras.ops.ones((3, 3, 3, 4))))" || backend=torch
 echo "backend: $backend"
-KERAS_BACKEND=$backend python3 -m train.remote fit --pack .carry/nih-cells.npz --out "$out" --budget-s $((total - SECONDS)) "${@:3}"
+KERAS_BACKEND=$backend python3 -m smearscope remote fit --pack .carry/nih-cells.npz --out "$out" --budget-s $((total - SECONDS)) "${@:3}"

@@ -4,15 +4,16 @@ Fine-tunes that start from the same weights stay in one basin of the loss, so th
 model of its own, often better than each of them, at the inference cost of one (Wortsman et al.,
 "Model soups", ICML 2022). Batch-norm moving statistics are averaged like every other weight.
 
-    python -m train.soup --models A.keras B.keras C.keras --out runs/soup/model.keras
+    smearscope soup --models A.keras B.keras C.keras --out runs/soup/model.keras
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from cells.errors import BadInput
 
 
 def average_weights(weight_lists: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
@@ -23,12 +24,12 @@ def average_weights(weight_lists: Sequence[Sequence[np.ndarray]]) -> list[np.nda
     meaningless.
     """
     if not weight_lists:
-        raise ValueError("no models to average")
+        raise BadInput("no models to average")
     first = weight_lists[0]
     for index, weights in enumerate(weight_lists[1:], start=1):
         shapes = [w.shape for w in weights]
         if shapes != [w.shape for w in first]:
-            raise ValueError(f"model {index} does not have the weights of model 0 (different architecture)")
+            raise BadInput(f"model {index} does not have the weights of model 0 (different architecture)")
     return [
         np.mean([weights[i] for weights in weight_lists], axis=0).astype(first[i].dtype)
         for i in range(len(first))
@@ -45,19 +46,3 @@ def soup(model_paths: Sequence[Path], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     souped.save(out)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Average fine-tunes of one checkpoint into one model.")
-    parser.add_argument("--models", type=Path, nargs="+", required=True, help=".keras models of one architecture")
-    parser.add_argument("--out", type=Path, required=True, help="the souped .keras file")
-    args = parser.parse_args(argv)
-    missing = [str(path) for path in args.models if not path.is_file()]
-    if missing:
-        parser.error(f"model not found: {', '.join(missing)}")
-    print(soup(args.models, args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,5 +5,5 @@ set -euo pipefail
 cd /workspace/smearscope
 # The config generator uses Triton's own protobuf schema; numpy/pillow for the shared contract package.
 python -m pip install -q "tritonclient[grpc]>=2.51,<3" "protobuf>=6.33,<7" numpy pillow
-python -m export.tensorrt --repository model_repository --name "${MODEL_NAME:-malaria_resnet50v2}" \
+python -m smearscope build-engine --repository model_repository --name "${MODEL_NAME:-malaria_resnet50v2}" \
   --opt-batch "${OPT_BATCH:-64}" --max-batch "${MAX_BATCH:-256}"

@@ -1,0 +1,90 @@
+"""The batch stage's subcommands: run (the job), evaluate-slides and evaluate-detection."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from batch.run import BatchOptions
+from cells.cli import add_command
+
+
+def _run(args: argparse.Namespace) -> int:
+    from batch.run import run
+
+    return run(BatchOptions(
+        inputs=args.input,
+        output=args.output,
+        triton_urls=tuple(args.triton_url or ()),
+        protocol=args.protocol,
+        model=args.model,
+        repository=args.repository,
+        batch_size=args.batch_size,
+        max_in_flight=args.max_in_flight,
+        max_pending=args.max_pending,
+        ray_address=args.ray_address,
+        max_pixels=args.max_pixels,
+        keep_border_cells=args.keep_border_cells,
+        stain_normalise=args.stain_normalise,
+        overlays=args.overlays,
+        overwrite=args.overwrite,
+    ))
+
+
+def configure_run(parser: argparse.ArgumentParser) -> None:
+    defaults = BatchOptions  # the dataclass's field defaults are the flags' defaults
+    parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs, .zip/.tar/.tar.gz archives")
+    parser.add_argument("--output", type=Path, required=True, help="results folder (reused: finished slides are skipped)")
+    parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; default: start an embedded one")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default=defaults.protocol, help="how to talk to Triton")
+    parser.add_argument("--model", default=defaults.model, help="model name on the server")
+    parser.add_argument("--repository", type=Path, default=defaults.repository, help="model repository for the embedded Triton")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference request")
+    parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, help="inference requests in flight")
+    parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides being prepared at once (0: 2 per CPU)")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="larger images are refused")
+    parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
+    parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=defaults.stain_normalise,
+                        help="recolour each slide's cells to the training data's stain (cells/stain.py)")
+    parser.add_argument("--overlays", action="store_true", help="write overlays/<slide>-<key>.png, boxes coloured by class")
+    parser.add_argument("--overwrite", action="store_true", help="redo slides already finished in --output")
+    parser.set_defaults(handler=_run)
+
+
+def _evaluate_slides(args: argparse.Namespace) -> int:
+    from batch.evaluate_slides import evaluate_slides
+
+    report = evaluate_slides(args.results, args.annotations)
+    print(json.dumps({k: v for k, v in report.items() if k != "per_slide"}, indent=2))
+    print(f"wrote {args.results}/evaluation.json")
+    return 0
+
+
+def _configure_evaluate_slides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, required=True, help="the batch job's --output folder")
+    parser.add_argument("--annotations", type=Path, required=True, help="IML annotations.json")
+    parser.set_defaults(handler=_evaluate_slides)
+
+
+def _evaluate_detection(args: argparse.Namespace) -> int:
+    from cells.detection_eval import print_detection_report
+
+    print_detection_report(args.images, args.annotations, args.margin)
+    return 0
+
+
+def _configure_evaluate_detection(parser: argparse.ArgumentParser) -> None:
+    from cells.detection_eval import BORDER_MARGIN
+
+    parser.add_argument("--images", type=Path, required=True, help="folder of field images")
+    parser.add_argument("--annotations", type=Path, required=True, help="IML annotations.json")
+    parser.add_argument("--margin", type=int, default=BORDER_MARGIN, help="boxes this close to the edge are don't-care, px")
+    parser.set_defaults(handler=_evaluate_detection)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    add_command(commands, "run", "the batch job: smear images -> cells -> Triton -> parasitemia", configure_run)
+    add_command(commands, "evaluate-slides", "a batch run against IML-format annotations", _configure_evaluate_slides)
+    add_command(commands, "evaluate-detection", "the cell finder on annotated fields: P/R/F1 and error kinds",
+                _configure_evaluate_detection)

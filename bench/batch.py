@@ -1,0 +1,256 @@
+"""`smearscope bench batch`: the end-to-end job beside the bare models, in one run, on real smear fields.
+
+Measured here, each in a process of its own (so each peak RSS is its own):
+- the CPU cost of each stage of a field, in core-milliseconds per cell (decode, find, crop, stain);
+- the shipped model (the repository's 1/model.onnx) and ONNX Runtime FP32 in-process, on those crops;
+- the reference tutorial's loop (Keras `model.predict`, one image per call; speed does not depend on weights);
+- `smearscope run` end to end with the embedded Triton, its start-up apart from its steady rate.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cells.contract import IMAGE_SUFFIXES, MODEL_NAME, REQUEST_BATCH_SIZE
+
+# The issue's targets, as ratios measured in this run.
+TARGETS = {"job_vs_shipped": 0.8, "job_vs_fp32": 1.6, "job_vs_tutorial": 15.0, "shipped_vs_fp32": 2.5}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    fields: Path
+    repository: Path
+    out: Path
+    max_fields: int = 20
+    threads: int = 2
+    batch_size: int = REQUEST_BATCH_SIZE
+    tutorial_images: int = 48
+    name: str = MODEL_NAME
+
+
+def cpu_model_name() -> str:
+    """lscpu's model name, from /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def field_paths(fields: Path, max_fields: int) -> list[Path]:
+    from cells.errors import BadInput
+
+    paths = sorted(p for p in Path(fields).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_fields]
+    if not paths:
+        raise BadInput(f"no field images in {fields}")
+    return paths
+
+
+def _stage_costs(paths: list[Path], crops_file: Path) -> dict:
+    """Run each stage of the job's per-field work on every field; core-ms per cell of each."""
+    from batch.slides import decode
+    from cells.find import cell_crops, find_cells
+    from cells.stain import normalise_stain
+
+    spent = dict.fromkeys(("decode", "find", "crop", "stain"), 0.0)
+    all_crops = []
+
+    def timed(stage: str, work, *args):
+        started = time.process_time()
+        result = work(*args)
+        spent[stage] += time.process_time() - started
+        return result
+
+    for path in paths:
+        image = timed("decode", decode, path.read_bytes())
+        found = timed("find", find_cells, image)
+        crops = timed("crop", cell_crops, image, found)
+        all_crops.append(timed("stain", normalise_stain, crops))
+    crops = np.concatenate(all_crops)
+    np.save(crops_file, crops)
+    return {"cells": int(len(crops)), "core_ms_per_cell": {k: 1000 * v / len(crops) for k, v in spent.items()}}
+
+
+def _rate(predict, images: np.ndarray, batch_size: int) -> dict:
+    predict(images[:batch_size])  # warm-up: first calls allocate and pick kernels
+    wall, cpu = time.perf_counter(), time.process_time()
+    for start in range(0, len(images), batch_size):
+        predict(images[start : start + batch_size])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"images": int(len(images)), "images_per_s": len(images) / wall, "core_ms_per_image": 1000 * cpu / len(images)}
+
+
+def _onnx_rate(model: Path, crops_file: Path, threads: int, batch_size: int) -> dict:
+    from cells.runtime import OnnxClassifier
+
+    classifier = OnnxClassifier(model, batch_size=batch_size, threads=threads)
+    return _rate(classifier, np.load(crops_file), batch_size)
+
+
+def _tutorial_rate(crops_file: Path, threads: int, images: int) -> dict:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    from train.model import build_model
+
+    model = build_model("none")
+    crops = np.load(crops_file)[:images]
+    return _rate(lambda batch: [model.predict(image[None], verbose=0) for image in batch], crops, 1)
+
+
+def _child(function, arguments: tuple, results) -> None:
+    import resource
+
+    result = function(*arguments)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results.put(result)
+
+
+def in_child(function, *arguments) -> dict:
+    """`function(*arguments)` in a fresh process; its result with that process's peak RSS."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_child, args=(function, arguments, results))
+    process.start()
+    result = results.get()
+    process.join()
+    return result
+
+
+def _tree_rss_mib(pid: int) -> float:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
+    """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its processes."""
+    command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
+               "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.25):
+            peak = max(peak, _tree_rss_mib(process.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    log, _ = process.communicate()
+    stop.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"smearscope run failed ({process.returncode}): {log[-2000:]}")
+    report = json.loads((output / "run.json").read_text())
+    return {
+        "cells": report["cells_this_run"],
+        "wall_s": report["wall_seconds"],
+        "startup_s": report["startup_seconds"],
+        "cells_per_s": report["cells_per_second"],
+        "steady_cells_per_s": report["steady_cells_per_second"],
+        "peak_rss_mib": peak,
+    }
+
+
+def bench_batch(options: BenchOptions) -> dict:
+    from cells.repository import engine_source, version_dir
+    from export.cpu_model import upcast_to_fp32
+
+    paths = field_paths(options.fields, options.max_fields)
+    with tempfile.TemporaryDirectory(prefix="smearscope-bench-") as scratch:
+        scratch = Path(scratch)
+        crops_file = scratch / "crops.npy"
+        stages = in_child(_stage_costs, paths, crops_file)
+        print(f"{len(paths)} fields, {stages['cells']} cells; per cell (core-ms): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in stages["core_ms_per_cell"].items()), flush=True)
+        fp32_model = upcast_to_fp32(engine_source(options.repository, options.name), scratch / "model.fp32.onnx")
+        shipped_model = version_dir(options.repository, options.name) / "model.onnx"
+        shipped = in_child(_onnx_rate, shipped_model, crops_file, options.threads, options.batch_size)
+        print(f"shipped model in-process: {shipped['images_per_s']:.1f} img/s", flush=True)
+        fp32 = in_child(_onnx_rate, fp32_model, crops_file, options.threads, options.batch_size)
+        print(f"ONNX Runtime FP32 in-process: {fp32['images_per_s']:.1f} img/s", flush=True)
+        tutorial = in_child(_tutorial_rate, crops_file, options.threads, options.tutorial_images)
+        print(f"tutorial loop (Keras predict, one image per call): {tutorial['images_per_s']:.1f} img/s", flush=True)
+        end_to_end = job(paths, options, scratch / "run")
+        print(f"smearscope run: {end_to_end['steady_cells_per_s']:.1f} cells/s steady, "
+              f"start-up {end_to_end['startup_s']:.1f} s", flush=True)
+    steady = end_to_end["steady_cells_per_s"]
+    ratios = {
+        "job_vs_shipped": steady / shipped["images_per_s"],
+        "job_vs_fp32": steady / fp32["images_per_s"],
+        "job_vs_tutorial": steady / tutorial["images_per_s"],
+        "shipped_vs_fp32": shipped["images_per_s"] / fp32["images_per_s"],
+    }
+    cores = len(os.sched_getaffinity(0))
+    stage_total = sum(stages["core_ms_per_cell"].values()) + shipped["core_ms_per_image"]
+    result = {
+        "cpu": cpu_model_name(),
+        "cores": cores,
+        "threads": options.threads,
+        "fields": len(paths),
+        "shipped_model": str(shipped_model),
+        "stages": stages,
+        "shipped": shipped,
+        "onnx_fp32": fp32,
+        "tutorial": tutorial,
+        "job": end_to_end,
+        "ratios": ratios,
+        "targets": TARGETS,
+        # What the job spends per cell beyond its stages (Ray, Triton transport, the driver, idle cores).
+        "job_core_ms_per_cell": 1000 * cores / steady,
+        "stages_core_ms_per_cell": stage_total,
+    }
+    write_reports(result, options.out)
+    return result
+
+
+def markdown(result: dict) -> str:
+    stages = result["stages"]["core_ms_per_cell"]
+    lines = [
+        f"CPU: {result['cpu']} ({result['cores']} cores, {result['threads']} inference threads); "
+        f"{result['fields']} fields, {result['stages']['cells']} cells",
+        "",
+        "| ratio (this run) | measured | target |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {value:.2f} | {result['targets'][name]:g} |" for name, value in result["ratios"].items()),
+        "",
+        "| way of classifying | cells/s | core-ms per cell | peak RSS MiB |",
+        "| --- | --- | --- | --- |",
+        f"| `smearscope run` end to end, steady (start-up {result['job']['startup_s']:.1f} s apart) | "
+        f"{result['job']['steady_cells_per_s']:.1f} | {result['job_core_ms_per_cell']:.2f} | {result['job']['peak_rss_mib']:.0f} |",
+        *(f"| {label} | {result[key]['images_per_s']:.1f} | {result[key]['core_ms_per_image']:.2f} | {result[key]['peak_rss_mib']:.0f} |"
+          for key, label in (("shipped", "shipped model, in-process"), ("onnx_fp32", "ONNX Runtime FP32, in-process"),
+                             ("tutorial", "tutorial loop (Keras predict, one image a call)"))),
+        "",
+        "| stage (in-process, one core) | core-ms per cell |",
+        "| --- | --- |",
+        *(f"| {stage} | {cost:.2f} |" for stage, cost in stages.items()),
+        f"| inference (shipped model) | {result['shipped']['core_ms_per_image']:.2f} |",
+        f"| sum of the stages | {result['stages_core_ms_per_cell']:.2f} |",
+        f"| the job, all cores over its steady rate | {result['job_core_ms_per_cell']:.2f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md')}")

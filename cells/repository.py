@@ -1,0 +1,49 @@
+"""What a Triton model repository's layout means, for export (which writes it) and serve (which reads it).
+
+    <repository>/<model>/config.pbtxt, labels.txt, 1/model.onnx | 1/model.plan [, source/model.onnx]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cells.errors import MissingInput
+
+CONFIG_FILE = "config.pbtxt"
+VERSION = 1
+# The file each platform serves from a version directory, in order of preference.
+PLATFORM_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
+# Not a version (Triton ignores directories that are not numbers): the FP16 ONNX beside an INT8 version.
+SOURCE_DIR = "source"
+
+
+def model_dir(repository: Path, name: str) -> Path:
+    return Path(repository) / name
+
+
+def version_dir(repository: Path, name: str) -> Path:
+    return model_dir(repository, name) / str(VERSION)
+
+
+def platform_of(version: Path) -> str:
+    """tensorrt_plan when the version holds an engine, else onnxruntime_onnx; an empty version is an error."""
+    for platform, filename in PLATFORM_FILES.items():
+        if (version / filename).is_file():
+            return platform
+    raise MissingInput(f"no {' or '.join(PLATFORM_FILES.values())} in {version}")
+
+
+def read_model_config(model: Path):
+    """Parse a model's config.pbtxt with Triton's schema (a ModelConfig); unknown fields are an error, as in Triton."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    path = Path(model, CONFIG_FILE)
+    if not path.is_file():
+        raise MissingInput(f"no {CONFIG_FILE} in {model}")
+    return text_format.Parse(path.read_text(), pb.ModelConfig())
+
+
+def engine_source(repository: Path, name: str) -> Path:
+    """The ONNX a GPU engine is built from: source/model.onnx (FP16) where the version serves INT8 to CPUs."""
+    source = model_dir(repository, name) / SOURCE_DIR / "model.onnx"
+    return source if source.is_file() else version_dir(repository, name) / "model.onnx"

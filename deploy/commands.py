@@ -1,0 +1,43 @@
+"""The serving stage's subcommand: `smearscope serve`, a real Triton on the repository's ONNX model."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cells.cli import add_command
+from cells.contract import MODEL_NAME
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from deploy.embedded import ServeOptions, serve
+
+    serve(
+        ServeOptions(
+            repository=args.repository,
+            name=args.name,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            threads=args.threads,
+            parent_pid=args.parent_pid,
+        )
+    )
+    return 0
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="Triton model repository")
+    parser.add_argument("--name", default=MODEL_NAME, help="model to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server on every interface")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--parent-pid", type=int, help="shut down when this process is no longer our parent")
+    parser.set_defaults(handler=_serve)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    add_command(commands, "serve", "a real Triton server (HTTP, gRPC, metrics) on the repository's ONNX model",
+                _configure_serve)

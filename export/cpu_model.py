@@ -1,0 +1,127 @@
+"""The fast CPU model: INT8 by ONNX Runtime static quantisation (QDQ, per-channel), calibrated on real crops.
+
+FP16 ONNX has no fast CPU kernels (ONNX Runtime casts around FP32 ones), so CPU repositories serve
+INT8: weights int8 per output channel, activations uint8 with ranges from the calibration crops.
+Its kernels use VNNI (AVX-512 or AVX2) or AMX where the CPU has them, plain AVX2 otherwise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cells.contract import INPUT_NAME
+
+CALIBRATION_BATCH = 32
+CALIBRATION_COUNT = 512  # crops whose activation ranges set the INT8 scales
+MAX_ACCURACY_DROP = 0.005  # the gate: INT8 may lose at most 0.5 points of accuracy against FP32
+
+
+def upcast_to_fp32(source: Path, out: Path) -> Path:
+    """An FP32 copy of an FP16 ONNX model (exact: every FP16 value is an FP32 value).
+
+    The released repository keeps only the FP16 model; quantisation and the TensorRT builder want FP32.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+
+    def upcast_tensor(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == TensorProto.FLOAT16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+
+    for tensor in graph.initializer:
+        upcast_tensor(tensor)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                upcast_tensor(attribute.t)
+            elif node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT16:
+                attribute.i = TensorProto.FLOAT
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    onnx.checker.check_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
+    """Static INT8 quantisation (QDQ, per-channel weights) with activation ranges from `calibration` crops."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Crops(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration[i : i + CALIBRATION_BATCH] for i in range(0, len(calibration), CALIBRATION_BATCH))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    prepared = out.with_suffix(".prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared), str(out), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )
+    prepared.unlink(missing_ok=True)
+    return out
+
+
+def gate_int8(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> tuple[dict, list[str]]:
+    """Accuracy of both on labelled validation cells; INT8 may lose at most MAX_ACCURACY_DROP of it."""
+    accuracy32 = float(np.mean(fp32.argmax(1) == labels)) if len(labels) else 1.0
+    accuracy8 = float(np.mean(int8.argmax(1) == labels)) if len(labels) else 1.0
+    report = {
+        "validation_images": int(len(labels)),
+        "fp32_accuracy": accuracy32,
+        "int8_accuracy": accuracy8,
+        "accuracy_drop_points": round(100 * (accuracy32 - accuracy8), 3),
+        "class_agreement": float(np.mean(fp32.argmax(1) == int8.argmax(1))) if len(labels) else 1.0,
+        "max_abs_diff": float(np.max(np.abs(fp32 - int8))) if len(labels) else 0.0,
+    }
+    failures = []
+    if accuracy32 - accuracy8 > MAX_ACCURACY_DROP:
+        failures.append(
+            f"INT8 accuracy {accuracy8:.2%} is {100 * (accuracy32 - accuracy8):.2f} points below FP32 "
+            f"{accuracy32:.2%} on {len(labels)} validation cells (limit {100 * MAX_ACCURACY_DROP:.1f})"
+        )
+    return report, failures
+
+
+def gate_cells(data: Path, split: Path | None, calibration_count: int = CALIBRATION_COUNT, seed: int = 0):
+    """(calibration crops, validation CellSet): a run's training and validation patients with a split.json,
+    else every cell of `data` for both (the bundled fixtures)."""
+    import json
+    import random
+
+    from cells.errors import BadInput
+    from train.data import list_samples, load_cells
+
+    samples = list_samples(data)
+    calibration, validation = samples, samples
+    if split is not None:
+        info = json.loads(Path(split).read_text())
+        if "train_patients" not in info or "val_patients" not in info:
+            raise BadInput(f"{split} has no train_patients/val_patients (expected a run's split.json)")
+        calibration = [s for s in samples if s.patient in set(info["train_patients"])]
+        validation = [s for s in samples if s.patient in set(info["val_patients"])]
+        if not calibration or not validation:
+            raise BadInput(f"the patients of {split} have no cells in {data}")
+    calibration = random.Random(seed).sample(calibration, min(calibration_count, len(calibration)))
+    return load_cells(calibration).images, load_cells(validation)
+
+
+def int8_model(fp32: Path, work: Path, calibration: np.ndarray, validation) -> tuple[Path, dict, list[str]]:
+    """Quantise, then gate on the validation cells: (INT8 path, gate report, reasons it fails)."""
+    from cells.runtime import OnnxClassifier
+
+    int8 = quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration)
+    report, failures = gate_int8(OnnxClassifier(fp32)(validation.images), OnnxClassifier(int8)(validation.images),
+                                 validation.labels)
+    report |= {"calibration_images": int(len(calibration)), "onnx_int8_bytes": int8.stat().st_size}
+    return int8, report, failures

@@ -1,0 +1,75 @@
+"""The INT8 CPU model of the released classifier: exact upcast, a gate that passes it and refuses a broken one."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from cells.contract import MODEL_NAME
+from cells.runtime import OnnxClassifier
+from export.cpu_model import gate_cells, int8_model, upcast_to_fp32
+from export.pipeline import ExportError, quantize_repository
+from tests.conftest import CELLS, run_cli
+
+pytestmark = pytest.mark.slow
+RELEASED = Path(__file__).resolve().parents[1] / "model_repository" / MODEL_NAME
+FP16 = RELEASED / "source" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> Path:
+    return upcast_to_fp32(FP16, tmp_path_factory.mktemp("fp32") / "model.fp32.onnx")
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return gate_cells(CELLS, None)
+
+
+def fp16_repository(root: Path) -> Path:
+    """The released repository as `smearscope export --no-int8` leaves it: the FP16 model served."""
+    model = root / MODEL_NAME
+    (model / "1").mkdir(parents=True)
+    shutil.copyfile(FP16, model / "1" / "model.onnx")
+    for name in ("config.pbtxt", "labels.txt", "export_report.json"):
+        shutil.copyfile(RELEASED / name, model / name)
+    return root
+
+
+def test_upcast_keeps_every_weight_and_the_answers(fp32, cells):
+    initializers = onnx.load(str(fp32)).graph.initializer
+    assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in initializers)
+    _, validation = cells
+    half, full = OnnxClassifier(FP16)(validation.images), OnnxClassifier(fp32)(validation.images)
+    assert np.max(np.abs(half - full)) < 1e-2 and (half.argmax(1) == full.argmax(1)).all()
+
+
+def test_quantize_serves_a_gated_int8_and_keeps_the_fp16_for_engines(tmp_path):
+    repository = fp16_repository(tmp_path / "repo")
+    result = run_cli("quantize", "--repository", str(repository), "--data", str(CELLS), "--work-dir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = repository / MODEL_NAME
+    served, source = model / "1" / "model.onnx", model / "source" / "model.onnx"
+    assert source.read_bytes() == FP16.read_bytes()
+    assert served.stat().st_size < 0.6 * source.stat().st_size
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(served)).graph.node)
+    report = json.loads((model / "export_report.json").read_text())["int8_vs_fp32"]
+    assert report["validation_images"] == 48 and report["accuracy_drop_points"] <= 0.5
+
+
+def test_a_broken_calibration_is_refused_and_the_repository_left_as_it_was(tmp_path, fp32, cells, monkeypatch):
+    calibration, validation = cells
+    dark = calibration // 16  # activation ranges far too narrow for real cells
+    _, report, failures = int8_model(fp32, tmp_path, dark, validation)
+    assert failures and "points below FP32" in failures[0] and report["int8_accuracy"] < report["fp32_accuracy"]
+
+    repository = fp16_repository(tmp_path / "repo")
+    before = {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()}
+    monkeypatch.setattr("export.pipeline.gate_cells", lambda data, split: (dark, validation))
+    with pytest.raises(ExportError, match="INT8 gate failed, repository unchanged"):
+        quantize_repository(repository, MODEL_NAME, CELLS, None, tmp_path / "work")
+    assert {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()} == before
