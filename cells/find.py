@@ -22,25 +22,8 @@ The pipeline, on a field downsampled 2x (cells stay ~35 px across, plenty for th
 7. Boxes are drawn 6 px (0.09 cell) outside the mask, as annotators draw them; crops are still
    framed on the mask (`cell_crops`), so model inputs do not change with that convention.
 
-On the 100 IML fields (python -m cells.detection_eval, IoU >= 0.5, border boxes don't-care):
-precision 0.912, recall 0.963, F1 0.937 (before steps 4 and 7: 0.903, 0.942, 0.922; step 4 alone
-0.928, step 7 alone 0.927), ~0.3 s a field. What is left: overlapping pairs in crowded or thick
-(plasma-filled) fields still come out as one region (62 FP hold two or more annotated cells, and
-209 FN are missed that way), and about 550 FP lie almost wholly outside every annotated box: 251
-of them have the size and shape of one cell, real cells the annotators skipped (one field,
-PA171694, annotates 47 of ~150 cells; crowded fields leave whole regions unboxed), the rest
-clumps of such cells, white cells, stain streaks and debris. A merged region has a single
-distance peak (70 of the 71 in every other field; the 71st, one pale peak), so splitting it
-takes other evidence. Two splitters were measured and lost, gaining 75-133 TP for 209-327 more
-FP (pieces that match no box: misplaced, or on cells nobody annotated): k-means on the pixels of
-regions over 1.6 median cells with solidity under 0.93 (recall 0.976, precision 0.886, F1
-0.929), and Hough circles on the green channel's edges, boxed as circles so overlapping cells
-keep overlapping boxes (recall 0.970, precision 0.895, F1 0.931); gated to circles at least 85 %
-inside the region that together cover 90 % of it, they split 13 regions and F1 stays 0.936.
-Cutting between concave points of the outline lost too (F1 at most 0.937; 0.941 keeping, with
-hindsight, only the cuts that gain). Size filters are no way out: P. vivax enlarges infected
-cells (median 1.41 median cells), so dropping regions over 2 median cells (F1 0.942) drops
-infected ones. The README has the numbers.
+On the 100 IML fields: F1 0.937 (`smearscope evaluate-detection`); what the errors are, and the
+splitters and filters that were measured and lost, are in docs/detection.md.
 """
 from __future__ import annotations
 
