@@ -19,6 +19,7 @@ def _run(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         model=args.model,
         repository=args.repository,
+        server_threads=args.server_threads,
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,
         max_pending=args.max_pending,
@@ -39,6 +40,8 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default=defaults.protocol, help="how to talk to Triton")
     parser.add_argument("--model", default=defaults.model, help="model name on the server")
     parser.add_argument("--repository", type=Path, default=defaults.repository, help="model repository for the embedded Triton")
+    parser.add_argument("--server-threads", type=int, default=defaults.server_threads,
+                        help="ONNX Runtime threads of the embedded Triton (0: one per core)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference request")
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, help="inference requests in flight")
     parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides being prepared at once (0: 2 per CPU)")

@@ -39,6 +39,7 @@ class BatchOptions:
     protocol: str = "grpc"
     model: str = MODEL_NAME
     repository: Path = DEFAULT_REPOSITORY
+    server_threads: int = 0  # ONNX Runtime threads of the embedded Triton; 0: one per core
     batch_size: int = REQUEST_BATCH_SIZE
     max_in_flight: int = MAX_IN_FLIGHT
     max_pending: int = 0  # slides being prepared at once; 0: two per CPU
@@ -212,7 +213,7 @@ def run(options: BatchOptions) -> int:
     expand(options.inputs)  # fail fast on inputs that do not exist
     server = None
     if not options.triton_urls:
-        server = EmbeddedServer(options.repository, name=options.model).start()
+        server = EmbeddedServer(options.repository, name=options.model, threads=options.server_threads).start()
         print(f"embedded Triton on grpc {server.grpc_url} (model {options.model} from {options.repository})", flush=True)
     urls = list(options.triton_urls) or [server.grpc_url if options.protocol == "grpc" else server.http_url]
     try:

@@ -8,18 +8,25 @@ from cells.cli import add_command, add_group
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from bench.serving import bench_serving
+    from bench.serving import ServeBenchOptions, bench_serving
 
-    bench_serving(args.repository, args.out, images=args.images, in_flight=args.in_flight, threads=args.threads)
+    bench_serving(ServeBenchOptions(repository=args.repository, out=args.out, protocols=tuple(args.protocols),
+                                    batches=tuple(args.batches), concurrencies=tuple(args.concurrencies),
+                                    images=args.images, threads=args.threads))
     return 0
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    from bench.serving import ServeBenchOptions
+
+    defaults = ServeBenchOptions
     parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository to serve")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/serving.csv"), help="CSV of the results")
-    parser.add_argument("--images", type=int, default=512, help="crops sent per measurement")
-    parser.add_argument("--in-flight", type=int, default=8, help="requests in flight")
-    parser.add_argument("--threads", type=int, default=0, help="server's ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/serving.csv"), help="CSV of the grid (and a .json)")
+    parser.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=list(defaults.protocols), help="protocols")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(defaults.batches), help="crops per request")
+    parser.add_argument("--concurrencies", type=int, nargs="+", default=list(defaults.concurrencies), help="requests in flight")
+    parser.add_argument("--images", type=int, default=defaults.images, help="crops per grid point (batch 1: a quarter)")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="server's ONNX Runtime threads (0: one per core)")
     parser.set_defaults(handler=_bench_serve)
 
 
@@ -50,4 +57,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     benches = add_group(commands, "bench", "throughput benchmarks (numbers, not pass/fail)")
     add_command(benches, "batch", "the end-to-end job beside the bare models and the tutorial loop, on real fields",
                 _configure_batch)
-    add_command(benches, "serve", "embedded Triton: req/s and img/s, batch 1 and 64, HTTP and gRPC", _configure_serve)
+    add_command(benches, "serve", "embedded Triton: img/s and latency over protocol x batch x concurrency", _configure_serve)

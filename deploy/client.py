@@ -117,6 +117,7 @@ class TritonClassifier:
     servers: list[_Server] = field(default_factory=list)
     requests_sent: int = 0
     retries_done: int = 0
+    request_seconds: list[float] | None = None  # when a list is given, each answered request's latency is added
     _turn: int = 0
 
     def _library(self):
@@ -203,7 +204,11 @@ class TritonClassifier:
             server = self._next_server()
             try:
                 self.requests_sent += 1
-                return await asyncio.wait_for(self._infer(server, chunk), self.options.timeout_s)
+                started = time.perf_counter()
+                result = await asyncio.wait_for(self._infer(server, chunk), self.options.timeout_s)
+                if self.request_seconds is not None:
+                    self.request_seconds.append(time.perf_counter() - started)
+                return result
             except Exception as error:  # noqa: BLE001 - sorted into retryable or rejected below
                 if not is_retryable(error):
                     raise InferenceRejected(f"{server.url} rejected the request: {_message(error)}") from error

@@ -1,0 +1,43 @@
+"""The benchmark commands produce well-formed reports on the fixtures (numbers are not asserted: no timing here)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import FIXTURES, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_serve_reports_the_grid_with_latencies_and_server_times(repository, tmp_path):
+    out = tmp_path / "serving.csv"
+    result = run_cli("bench", "serve", "--repository", str(repository), "--out", str(out), "--protocols", "grpc", "http",
+                     "--batches", "1", "64", "--concurrencies", "2", "--images", "128", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["protocol"], r["batch"]) for r in rows} == {("grpc", "1"), ("grpc", "64"), ("http", "1"), ("http", "64")}
+    for row in rows:
+        assert float(row["images_per_s"]) > 0
+        assert float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
+        assert float(row["server_compute_ms"]) > 0 and float(row["server_queue_ms"]) >= 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["in_process_images_per_s"] > 0 and summary["triton_overhead_at_batch_64"] is not None
+    assert "perf_analyzer -m malaria_resnet50v2" in summary["perf_analyzer"] and "-b 64" in summary["perf_analyzer"]
+
+
+def test_bench_batch_sets_the_job_beside_the_bare_models(repository, tmp_path):
+    out = tmp_path / "batch.json"
+    result = run_cli("bench", "batch", "--fields", str(FIXTURES / "smears"), "--repository", str(repository),
+                     "--out", str(out), "--max-fields", "1", "--tutorial-images", "4", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["fields"] == 1 and report["stages"]["cells"] == report["job"]["cells"] > 0
+    assert set(report["stages"]["core_ms_per_cell"]) == {"decode", "find", "crop", "stain"}
+    for key in ("shipped", "onnx_fp32", "tutorial"):
+        assert report[key]["images_per_s"] > 0 and report[key]["peak_rss_mib"] > 0
+    assert 0 < report["job"]["startup_s"] < report["job"]["wall_s"] and report["job"]["peak_rss_mib"] > 0
+    assert set(report["ratios"]) == set(report["targets"]) and report["cpu"]
+    table = out.with_suffix(".md").read_text()
+    assert "| job_vs_shipped |" in table and "smearscope run" in table
