@@ -127,23 +127,48 @@ def in_child(function, *arguments) -> dict:
     return result
 
 
-def _tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Ray's raylet and workers, Triton), from /proc."""
-    parents, rss = {}, {}
+def _processes() -> dict[int, tuple[int, str, int, float]]:
+    """Every process: pid -> (parent pid, name, resident bytes, CPU seconds so far), from /proc."""
+    ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            text = stat.read_text()
         except OSError:
             continue
-        child = int(stat.parent.name)
-        parents[child], rss[child] = int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if name.startswith("python"):
+            name = _python_role(stat.parent / "cmdline", name)
+        found[int(stat.parent.name)] = (int(fields[1]), name, int(fields[21]) * page, (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+def _python_role(cmdline: Path, name: str) -> str:
+    """A Python process of the job by what it runs: the driver, the embedded Triton's model, or itself."""
+    try:
+        arguments = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return name
+    for role, marker in (("smearscope run (driver)", b"run"), ("smearscope serve (ONNX Runtime model)", b"serve")):
+        if b"smearscope" in arguments and marker in arguments:
+            return role
+    return name
+
+
+def _tree(pid: int, processes: dict) -> set[int]:
     tree, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
-        children = [c for c, p in parents.items() if p == parent and c not in tree]
+        children = [c for c, info in processes.items() if info[0] == parent and c not in tree]
         tree.update(children)
         frontier.extend(children)
-    return sum(rss.get(p, 0) for p in tree) / 2**20
+    return tree
+
+
+def _tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Ray's raylet and workers, Triton)."""
+    processes = _processes()
+    return sum(processes[p][2] for p in _tree(pid, processes) if p in processes) / 2**20
 
 
 def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
@@ -152,12 +177,16 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
                "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
+    cpu: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU seconds at its last sample)
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.wait(0.25):
-            peak = max(peak, _tree_rss_mib(process.pid))
+            processes = _processes()
+            tree = [p for p in _tree(process.pid, processes) if p in processes]
+            peak = max(peak, sum(processes[p][2] for p in tree) / 2**20)
+            cpu.update({p: (processes[p][1], processes[p][3]) for p in tree})
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -167,7 +196,13 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"smearscope run failed ({process.returncode}): {log[-2000:]}")
     report = json.loads((output / "run.json").read_text())
+    by_process: dict[str, float] = {}
+    for name, seconds in cpu.values():
+        by_process[name] = by_process.get(name, 0.0) + seconds
+    cells = max(report["cells_this_run"], 1)
     return {
+        # CPU of the job's processes over the whole run (start-up included), core-ms per cell, by process name.
+        "core_ms_per_cell_by_process": {name: 1000 * s / cells for name, s in sorted(by_process.items(), key=lambda x: -x[1])},
         "cells": report["cells_this_run"],
         "wall_s": report["wall_seconds"],
         "startup_s": report["startup_seconds"],
@@ -253,6 +288,10 @@ def markdown(result: dict) -> str:
         f"| inference (shipped model) | {result['shipped']['core_ms_per_image']:.2f} |",
         f"| sum of the stages | {result['stages_core_ms_per_cell']:.2f} |",
         f"| the job, all cores over its steady rate | {result['job_core_ms_per_cell']:.2f} |",
+        "",
+        "| the job's processes (whole run, start-up included) | CPU core-ms per cell |",
+        "| --- | --- |",
+        *(f"| `{name}` | {cost:.2f} |" for name, cost in result["job"]["core_ms_per_cell_by_process"].items() if cost >= 0.05),
     ]
     return "\n".join(lines) + "\n"
 
