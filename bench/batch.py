@@ -186,7 +186,8 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
             processes = _processes()
             tree = [p for p in _tree(process.pid, processes) if p in processes]
             peak = max(peak, sum(processes[p][2] for p in tree) / 2**20)
-            cpu.update({p: (processes[p][1], processes[p][3]) for p in tree})
+            # A process keeps the name it was first seen with: an exiting one's cmdline reads empty.
+            cpu.update({p: (cpu[p][0] if p in cpu else processes[p][1], processes[p][3]) for p in tree})
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
