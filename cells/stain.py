@@ -89,6 +89,8 @@ def normalise_stain(crops: np.ndarray, reference: StainStats = REFERENCE) -> np.
     mean, std = _moments(lab, counts)
     lab = (lab - mean) * (np.asarray(reference.std) / np.maximum(std, 1e-3)) + np.asarray(reference.mean)
     recoloured = np.clip(np.rint(lab2rgb(lab[None])[0] * 255.0), 0, 255).astype(np.uint8)
-    out = crops.copy()
-    out[cell] = recoloured[inverse]
+    out = np.ascontiguousarray(crops).copy()
+    # Each pixel as one 3-byte item: a masked copy of items is ~8x faster than one of 3-byte rows.
+    pixels = out.reshape(-1, 3).view("V3").reshape(-1)
+    pixels[cell.reshape(-1)] = np.ascontiguousarray(recoloured).view("V3").reshape(-1)[inverse]
     return out
