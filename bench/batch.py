@@ -186,8 +186,9 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
             processes = _processes()
             tree = [p for p in _tree(process.pid, processes) if p in processes]
             peak = max(peak, sum(processes[p][2] for p in tree) / 2**20)
-            # A process keeps the name it was first seen with: an exiting one's cmdline reads empty.
-            cpu.update({p: (cpu[p][0] if p in cpu else processes[p][1], processes[p][3]) for p in tree})
+            for p in tree:  # a bare "python" name is kept only until a better one is seen (Ray renames its
+                name = processes[p][1]  # workers after start; an exiting process's cmdline reads empty)
+                cpu[p] = (cpu[p][0] if p in cpu and name.startswith("python") else name, processes[p][3])
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
