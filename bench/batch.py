@@ -81,7 +81,7 @@ def _stage_costs(paths: list[Path], crops_file: Path) -> dict:
     return {"cells": int(len(crops)), "core_ms_per_cell": {k: 1000 * v / len(crops) for k, v in spent.items()}}
 
 
-def _rate(predict, images: np.ndarray, batch_size: int) -> dict:
+def rate(predict, images: np.ndarray, batch_size: int) -> dict:
     predict(images[:batch_size])  # warm-up: first calls allocate and pick kernels
     wall, cpu = time.perf_counter(), time.process_time()
     for start in range(0, len(images), batch_size):
@@ -94,7 +94,7 @@ def _onnx_rate(model: Path, crops_file: Path, threads: int, batch_size: int) -> 
     from cells.runtime import OnnxClassifier
 
     classifier = OnnxClassifier(model, batch_size=batch_size, threads=threads)
-    return _rate(classifier, np.load(crops_file), batch_size)
+    return rate(classifier, np.load(crops_file), batch_size)
 
 
 def _tutorial_rate(crops_file: Path, threads: int, images: int) -> dict:
@@ -105,7 +105,7 @@ def _tutorial_rate(crops_file: Path, threads: int, images: int) -> dict:
 
     model = build_model("none")
     crops = np.load(crops_file)[:images]
-    return _rate(lambda batch: [model.predict(image[None], verbose=0) for image in batch], crops, 1)
+    return rate(lambda batch: [model.predict(image[None], verbose=0) for image in batch], crops, 1)
 
 
 def _child(function, arguments: tuple, results) -> None:
@@ -165,12 +165,6 @@ def _tree(pid: int, processes: dict) -> set[int]:
     return tree
 
 
-def _tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Ray's raylet and workers, Triton)."""
-    processes = _processes()
-    return sum(processes[p][2] for p in _tree(pid, processes) if p in processes) / 2**20
-
-
 def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its processes."""
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
@@ -215,7 +209,7 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
 
 
 def bench_batch(options: BenchOptions) -> dict:
-    from cells.repository import engine_source, version_dir
+    from cells.repository import engine_source, served_onnx
     from export.cpu_model import upcast_to_fp32
 
     paths = field_paths(options.fields, options.max_fields)
@@ -226,7 +220,7 @@ def bench_batch(options: BenchOptions) -> dict:
         print(f"{len(paths)} fields, {stages['cells']} cells; per cell (core-ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in stages["core_ms_per_cell"].items()), flush=True)
         fp32_model = upcast_to_fp32(engine_source(options.repository, options.name), scratch / "model.fp32.onnx")
-        shipped_model = version_dir(options.repository, options.name) / "model.onnx"
+        shipped_model = served_onnx(options.repository, options.name)
         shipped = in_child(_onnx_rate, shipped_model, crops_file, options.threads, options.batch_size)
         print(f"shipped model in-process: {shipped['images_per_s']:.1f} img/s", flush=True)
         fp32 = in_child(_onnx_rate, fp32_model, crops_file, options.threads, options.batch_size)

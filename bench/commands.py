@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from cells.cli import add_command, add_group
+from cells.repository import DEFAULT_REPOSITORY
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     from bench.serving import ServeBenchOptions
 
     defaults = ServeBenchOptions
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository to serve")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to serve")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.csv"), help="CSV of the grid (and a .json)")
     parser.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=list(defaults.protocols), help="protocols")
     parser.add_argument("--batches", type=int, nargs="+", default=list(defaults.batches), help="crops per request")
@@ -43,7 +44,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
 
     defaults = BenchOptions  # the dataclass's field defaults are the flags' defaults
     parser.add_argument("--fields", type=Path, default=Path("tests/fixtures/smears"), help="folder of smear field images")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository to measure")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to measure")
     parser.add_argument("--out", type=Path, default=Path("bench/results/batch.json"), help="JSON report (and a .md beside it)")
     parser.add_argument("--max-fields", type=int, default=defaults.max_fields, help="fields used, in name order")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="inference threads of the in-process models")

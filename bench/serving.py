@@ -61,17 +61,14 @@ def perf_analyzer_command(url: str, name: str, batch: int, concurrency: str) -> 
 
 
 def in_process_rate(model: Path, crops: np.ndarray, threads: int) -> float:
+    from bench.batch import rate
     from cells.runtime import OnnxClassifier
 
-    classifier = OnnxClassifier(model, batch_size=OPT_BATCH_SIZE, threads=threads)
-    classifier(crops[:OPT_BATCH_SIZE])
-    started = time.perf_counter()
-    classifier(crops)
-    return len(crops) / (time.perf_counter() - started)
+    return rate(OnnxClassifier(model, batch_size=OPT_BATCH_SIZE, threads=threads), crops, OPT_BATCH_SIZE)["images_per_s"]
 
 
 def bench_serving(options: ServeBenchOptions) -> dict:
-    from cells.repository import version_dir
+    from cells.repository import served_onnx
 
     crops = np.random.default_rng(0).integers(0, 256, (options.images, *INPUT_SHAPE), dtype=np.uint8)
     rows = []
@@ -102,8 +99,7 @@ def bench_serving(options: ServeBenchOptions) -> dict:
         stop_started = time.perf_counter()
         server.stop()
         shutdown = time.perf_counter() - stop_started
-    served = version_dir(options.repository, options.name) / "model.onnx"
-    bare = in_process_rate(served, crops, options.threads)
+    bare = in_process_rate(served_onnx(options.repository, options.name), crops, options.threads)
     best = max(r["images_per_s"] for r in rows if r["batch"] == OPT_BATCH_SIZE) if OPT_BATCH_SIZE in options.batches else None
     summary = {
         "startup_s": round(startup, 2), "shutdown_s": round(shutdown, 2),

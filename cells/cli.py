@@ -24,10 +24,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
 
 
-def add_command(commands: argparse._SubParsersAction, name: str, help: str, configure: Configure,
-                description: str | None = None) -> argparse.ArgumentParser:
+def add_command(commands: argparse._SubParsersAction, name: str, help: str, configure: Configure) -> argparse.ArgumentParser:
     """A subcommand: its flags from `configure`, which also sets `handler` (args -> exit code)."""
-    parser = commands.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    parser = commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     add_common_flags(parser)
     configure(parser)
     return parser

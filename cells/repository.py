@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cells.errors import MissingInput
 
+DEFAULT_REPOSITORY = Path("model_repository")
 CONFIG_FILE = "config.pbtxt"
 VERSION = 1
 # The file each platform serves from a version directory, in order of preference.
@@ -22,6 +23,16 @@ def model_dir(repository: Path, name: str) -> Path:
 
 def version_dir(repository: Path, name: str) -> Path:
     return model_dir(repository, name) / str(VERSION)
+
+
+def served_onnx(repository: Path, name: str) -> Path:
+    """The ONNX model Triton serves on CPUs: 1/model.onnx."""
+    return version_dir(repository, name) / "model.onnx"
+
+
+def source_onnx(repository: Path, name: str) -> Path:
+    """source/model.onnx: the FP16 model kept beside an INT8 version, for GPU engines."""
+    return model_dir(repository, name) / SOURCE_DIR / "model.onnx"
 
 
 def platform_of(version: Path) -> str:
@@ -45,5 +56,5 @@ def read_model_config(model: Path):
 
 def engine_source(repository: Path, name: str) -> Path:
     """The ONNX a GPU engine is built from: source/model.onnx (FP16) where the version serves INT8 to CPUs."""
-    source = model_dir(repository, name) / SOURCE_DIR / "model.onnx"
-    return source if source.is_file() else version_dir(repository, name) / "model.onnx"
+    source = source_onnx(repository, name)
+    return source if source.is_file() else served_onnx(repository, name)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cells.cli import add_command
 from cells.contract import MODEL_NAME
+from cells.repository import DEFAULT_REPOSITORY
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="Triton model repository")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     parser.add_argument("--name", default=MODEL_NAME, help="model to serve")
     parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server on every interface")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")

@@ -19,7 +19,7 @@ import numpy as np
 
 from cells.contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
 from cells.errors import UserError
-from cells.repository import CONFIG_FILE, model_dir, read_model_config, version_dir
+from cells.repository import CONFIG_FILE, model_dir, read_model_config, served_onnx
 
 ACCESS_TOKEN_ENV = "SMEARSCOPE_TRITON_ACCESS_TOKEN"
 
@@ -54,7 +54,7 @@ def servable_onnx(options: ServeOptions) -> tuple[Path, object]:
     if not (model / CONFIG_FILE).is_file():
         raise ServeError(f"no model {options.name!r} in repository {options.repository} (missing {CONFIG_FILE})")
     config = read_model_config(model)
-    onnx = version_dir(options.repository, options.name) / "model.onnx"
+    onnx = served_onnx(options.repository, options.name)
     if not onnx.is_file():
         raise ServeError(
             f"{model} has no {onnx.parent.name}/model.onnx; this CPU server runs ONNX models "

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from cells.cli import add_command
 from cells.contract import MAX_BATCH_SIZE, MODEL_NAME, OPT_BATCH_SIZE
-
-DEFAULT_REPOSITORY = Path("model_repository")
+from cells.repository import DEFAULT_REPOSITORY
 
 
 def _export(args: argparse.Namespace) -> int:

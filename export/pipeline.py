@@ -135,8 +135,8 @@ def export(options: ExportOptions) -> dict:
     model_dir = layout.model_dir(options.repository, options.serving.name)
     version_dir = layout.version_dir(options.repository, options.serving.name)
     version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(int8_path or fp16_path or fp32_path, version_dir / "model.onnx")
-    source = model_dir / layout.SOURCE_DIR / "model.onnx"
+    shutil.copyfile(int8_path or fp16_path or fp32_path, layout.served_onnx(options.repository, options.serving.name))
+    source = layout.source_onnx(options.repository, options.serving.name)
     source.unlink(missing_ok=True)
     if int8_path:
         source.parent.mkdir(exist_ok=True)
@@ -163,12 +163,10 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
     source/ for GPU engines, the gated INT8 takes its place. Nothing changes if the gate fails."""
     from export.cpu_model import upcast_to_fp32
 
-    version = layout.version_dir(repository, name)
-    served = version / "model.onnx"
-    source = layout.model_dir(repository, name) / layout.SOURCE_DIR / "model.onnx"
-    original = source if source.is_file() else served
+    served, source = layout.served_onnx(repository, name), layout.source_onnx(repository, name)
+    original = layout.engine_source(repository, name)
     if not original.is_file():
-        raise ExportError(f"no ONNX model to quantise in {version}")
+        raise ExportError(f"no ONNX model to quantise in {served.parent}")
     work.mkdir(parents=True, exist_ok=True)
     fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
     calibration, validation = gate_cells(data, split)
