@@ -44,7 +44,7 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime threads of the embedded Triton (0: one per core)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference request")
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, help="inference requests in flight")
-    parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides being prepared at once (0: 2 per CPU)")
+    parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides in flight over all workers (0: 2 per worker)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="larger images are refused")
     parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")

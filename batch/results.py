@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,8 @@ import numpy as np
 from cells.contract import CLASSES, PARASITIZED
 
 PARTS = "parts"
+# The columns of cells.parquet, in order; slides.parquet and slides.csv have SlideResult.row()'s.
+CELL_COLUMNS = ("slide", "cell_id", "x", "y", "w", "h", "area", "p_parasitized", "label")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class SlideResult:
         row = asdict(self)
         del row["cell_rows"]
         return row
+
+
+SLIDE_COLUMNS = tuple(f.name for f in fields(SlideResult) if f.name != "cell_rows")
 
 
 def classified(slide: str, source: str, boxes: np.ndarray, areas: np.ndarray, probabilities: np.ndarray,
@@ -102,10 +107,8 @@ def write_tables(output: Path, results: list[SlideResult]) -> tuple[int, int]:
 
     results = sorted(results, key=lambda r: r.slide)
     cell_rows = [row for result in results for row in result.cell_rows]
-    cell_schema = pa.schema([
-        ("slide", pa.string()), ("cell_id", pa.int32()), ("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()),
-        ("h", pa.int32()), ("area", pa.int32()), ("p_parasitized", pa.float32()), ("label", pa.string()),
-    ])
+    types = {"slide": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
+    cell_schema = pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS])
     slides = pa.Table.from_pylist([r.row() for r in results])
     for name, table in (("cells", pa.Table.from_pylist(cell_rows, schema=cell_schema)), ("slides", slides)):
         with atomic_path(output / f"{name}.parquet") as temporary:

@@ -1,9 +1,9 @@
 """The batch job: `python batch/run.py --input ... --output ...` (also `smearscope run`, and `ray job submit`).
 
-Ray core tasks decode images and find cells on CPU workers (one task per slide: large enough work
-items that Ray's per-task overhead vanishes, and a corrupt file fails only its own task); the driver
-streams each slide's crops to Triton through the project's asyncio client with a bounded number
-of requests in flight, and writes each slide's result atomically as soon as it is classified.
+Ray actors, one per CPU of the cluster (batch/workers.py), each take whole slides: decode, find
+cells, crop, stain and classify through their own Triton client (batch/field.py, the function the
+web page uses too). The driver only schedules slides with bounded concurrency and writes each
+slide's result atomically as it arrives: a resumed run skips finished slides, so each is written once.
 """
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (ray job submit ... python batch/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from batch.field import FieldSettings  # noqa: E402
 from batch.inputs import Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
-from batch.results import classified, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
+from batch.results import atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
 from batch.slides import DEFAULT_MAX_PIXELS  # noqa: E402
+from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
+from cells.repository import DEFAULT_REPOSITORY  # noqa: E402
+from deploy.client import ClientOptions, RequestTally  # noqa: E402
 
 PROGRESS_EVERY_S = 10.0
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
 
 @dataclass
@@ -42,7 +45,7 @@ class BatchOptions:
     server_threads: int = 0  # ONNX Runtime threads of the embedded Triton; 0: one per core
     batch_size: int = REQUEST_BATCH_SIZE
     max_in_flight: int = MAX_IN_FLIGHT
-    max_pending: int = 0  # slides being prepared at once; 0: two per CPU
+    max_pending: int = 0  # slides in flight at once over all workers; 0: two per worker
     ray_address: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_border_cells: bool = False
@@ -94,85 +97,89 @@ class Progress:
             self.bar.close()
 
 
-def _prepare_remote():
-    import ray
+@dataclass
+class Placement:
+    """Where the work went: slides and cells per Ray node, requests per Triton URL."""
 
-    from batch.slides import SlideError, prepare
+    nodes: dict[str, dict] = field(default_factory=dict)
+    tally: RequestTally = field(default_factory=RequestTally)
+    worker_failures: int = 0
 
-    @ray.remote(num_cpus=1, max_retries=0)
-    def prepare_slide(slide: Slide, max_pixels: int, keep_image: bool, keep_border: bool, stain_normalise: bool):
-        """Returns SlideCells, or the one-line reason the slide cannot be processed."""
-        try:
-            data = slide.data if slide.data is not None else Path(slide.path).read_bytes()
-            return prepare(data, max_pixels=max_pixels, keep_image=keep_image, keep_border=keep_border,
-                           stain_normalise=stain_normalise)
-        except (SlideError, OSError) as error:
-            return str(error) if isinstance(error, SlideError) else f"unreadable file: {error.strerror or error}"
+    def add(self, outcome: Outcome) -> None:
+        node = self.nodes.setdefault(outcome.node_id, {"address": outcome.node_address, "slides": 0, "cells": 0})
+        node["slides"] += 1
+        node["cells"] += outcome.result.cells if outcome.result else 0
+        self.tally.add(outcome.tally)
 
-    return prepare_slide
+    def report(self) -> dict:
+        return {"nodes": self.nodes, "triton_requests": self.tally.as_dict(), "worker_failures": self.worker_failures}
 
 
-async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, str]:
-    """Stream slides through Ray workers and Triton; each finished slide is written at once.
+async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Placement, str]:
+    """Send slides to the Ray workers with bounded concurrency; write each finished slide at once.
 
-    Returns the progress and the model version the server reported serving.
+    Returns the progress, where the work went, and the model version the servers reported.
     """
-    from batch.overlay import draw_overlay
-    from deploy.client import ClientOptions, InferenceRejected, ServersUnavailable, TritonClassifier
+    from ray.exceptions import RayActorError
 
-    prepare_slide = _prepare_remote()
-    output = options.output
-    done = set() if options.overwrite else finished_keys(output)
-    progress = Progress()
-    max_pending = options.max_pending or 2 * max(1, int(os.cpu_count() or 1))
-    gate = asyncio.Semaphore(max_pending)
+    from batch.workers import start_workers
+
     client_options = ClientOptions(tuple(urls), protocol=options.protocol, model=options.model,
                                    batch_size=options.batch_size, max_in_flight=options.max_in_flight)
+    settings = FieldSettings(options.max_pixels, options.keep_border_cells, options.stain_normalise)
+    workers = start_workers(client_options, settings, options.overlays)
+    slots: asyncio.Queue = asyncio.Queue()  # one entry per slide a worker may hold: bounds what is in flight
+    per_worker = max(1, options.max_pending // len(workers)) if options.max_pending else 2
+    for _ in range(per_worker):
+        for worker in workers:
+            slots.put_nowait(worker)
+    output = options.output
+    done = set() if options.overwrite else finished_keys(output)
+    progress, placement = Progress(), Placement()
+    model_versions: set[str] = set()
 
-    async def handle(slide: Slide, classifier: TritonClassifier) -> None:
-        started = time.monotonic()
+    async def handle(slide: Slide, worker) -> None:
         try:
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
-                prepared = await prepare_slide.remote(slide, options.max_pixels, options.overlays,
-                                                      options.keep_border_cells, options.stain_normalise)
-                if isinstance(prepared, str):
-                    result = failed(slide.slide_id, slide.source, prepared)
-                else:
-                    probabilities = await classifier.classify(prepared.crops)
-                    result = classified(slide.slide_id, slide.source, prepared.boxes, prepared.areas, probabilities,
-                                        prepared.width, prepared.height, time.monotonic() - started)
-                    if options.overlays:
-                        path = overlay_path(output, slide)
-                        await asyncio.to_thread(draw_overlay, prepared.image, result.cell_rows, path)
-                        result.overlay = str(path.relative_to(output))
-        except (InferenceRejected, ServersUnavailable) as error:
-            print(f"lost {slide.slide_id}: {error}", file=sys.stderr, flush=True)
-            progress.add(0, lost=True)
-            return
-        except Exception as error:  # noqa: BLE001 - a worker crash fails this slide, not the run
+                outcome = await worker.analyse.remote(slide)
+                placement.add(outcome)
+                if outcome.lost:
+                    print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)
+                    progress.add(0, lost=True)
+                    return
+                result = outcome.result
+                model_versions.add(outcome.model_version)
+                if outcome.overlay_png is not None:
+                    path = overlay_path(output, slide)
+                    atomic_write(path, outcome.overlay_png)
+                    result.overlay = str(path.relative_to(output))
+        except RayActorError as error:  # the worker died on every try: this slide, not the run, fails
+            placement.worker_failures += 1
+            result = failed(slide.slide_id, slide.source,
+                            f"worker died {WORKER_RETRIES + 1} times processing it: {describe(error, 120)}")
+        except Exception as error:  # noqa: BLE001 - a worker bug fails this slide, not the run
             cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's exception
             result = failed(slide.slide_id, slide.source, f"internal error: {describe(cause, 160)}")
         finally:
-            gate.release()
+            slots.put_nowait(worker)
         write_part(output, slide.key, result)
         progress.add(result.cells, error=result.status == "error")
 
     skipped = 0
-    async with TritonClassifier(client_options) as classifier:
-        tasks = []
-        for slide in iter_slides(options.inputs):
-            if slide.key in done:
-                skipped += 1
-                continue
-            progress.total += 1
-            await gate.acquire()
-            tasks.append(asyncio.create_task(handle(slide, classifier)))
-        await asyncio.gather(*tasks)
+    tasks = []
+    for slide in iter_slides(options.inputs):
+        if slide.key in done:
+            skipped += 1
+            continue
+        progress.total += 1
+        worker = await slots.get()
+        tasks.append(asyncio.create_task(handle(slide, worker)))
+    await asyncio.gather(*tasks)
     progress.close()
     progress.skipped = skipped
-    return progress, classifier.model_version
+    return progress, placement, ",".join(sorted(model_versions))
 
 
 def _start_ray(address: str | None) -> None:
@@ -219,7 +226,7 @@ def run(options: BatchOptions) -> int:
     try:
         _start_ray(options.ray_address)
         startup = time.monotonic() - started  # Triton and Ray ready: what every run pays before its first slide
-        progress, model_version = asyncio.run(process(options, urls))
+        progress, placement, model_version = asyncio.run(process(options, urls))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -251,6 +258,7 @@ def run(options: BatchOptions) -> int:
         "cells_per_second": round(progress.cells / wall, 2),
         "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
         "slides_per_second": round((progress.done - progress.lost) / wall, 3),
+        **placement.report(),
     }
     (options.output / "run.json").write_text(json.dumps(report, indent=2))
     print(summary_table(results))

@@ -12,10 +12,21 @@ from PIL import Image
 # Modes a smear photograph can honestly come in; anything else (float, 32-bit int, 1-bit) is refused.
 SUPPORTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"}
 DEFAULT_MAX_PIXELS = 50_000_000  # ~40x a 1280x960 field; larger is a decompression bomb or not a field
+# An image no larger than this a side is one cell crop (NIH crops are 50-400 px), classified whole.
+CELL_IMAGE_MAX_SIDE = 400
+CELL_IMAGE_MIN_SIDE = 16  # smaller is neither a field nor a cell
 
 
 class SlideError(ValueError):
     """This image cannot be processed; the reason becomes the slide's error row."""
+
+
+class NotAnImage(SlideError):
+    """The bytes are no image format we read, or an image mode a camera does not write."""
+
+
+class ImageTooLarge(SlideError):
+    """More pixels than the limit: refused before decoding (a decompression bomb, or not a field)."""
 
 
 @dataclass
@@ -40,17 +51,17 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = image.width * image.height
                 if pixels > max_pixels:
-                    raise SlideError(f"image too large: {image.width}x{image.height} = {pixels:,} pixels > {max_pixels:,}")
+                    raise ImageTooLarge(f"image too large: {image.width}x{image.height} = {pixels:,} pixels > {max_pixels:,}")
                 if image.mode not in SUPPORTED_MODES:
-                    raise SlideError(f"unsupported image mode {image.mode}")
+                    raise NotAnImage(f"unsupported image mode {image.mode}")
                 image.load()
                 return np.asarray(image.convert("RGB"))
     except SlideError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise SlideError(f"image too large: {error}") from error
+        raise ImageTooLarge(f"image too large: {error}") from error
     except Image.UnidentifiedImageError as error:
-        raise SlideError("not an image (unrecognised format)") from error
+        raise NotAnImage("not an image (unrecognised format)") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise SlideError(f"corrupt or truncated image: {str(error).splitlines()[0][:160]}") from error
 
@@ -63,20 +74,31 @@ def prepare(
     stain_normalise: bool = True,
 ) -> SlideCells:
     """Decode, find red cells, cut their crops with the shared crop function, and (by default)
-    recolour them to the training data's stain (`cells.stain`)."""
+    recolour them to the training data's stain (`cells.stain`).
+
+    An image of at most CELL_IMAGE_MAX_SIDE a side is one cell crop, as in the NIH set: the whole
+    image is the cell, fitted by `crop_cell` as in training."""
+    from cells.crop import crop_cell
     from cells.find import cell_crops, find_cells  # scikit-image: imported by workers only
     from cells.stain import normalise_stain
 
     image = decode(data, max_pixels)
-    found = find_cells(image, keep_border=keep_border)
-    crops = cell_crops(image, found)
+    height, width = image.shape[:2]
+    if min(height, width) < CELL_IMAGE_MIN_SIDE:
+        raise SlideError(f"image too small ({width}x{height}): neither a smear field nor a cell crop")
+    if max(height, width) <= CELL_IMAGE_MAX_SIDE:
+        boxes, areas, crops = [[0, 0, width, height]], [width * height], crop_cell(image)[None]
+    else:
+        found = find_cells(image, keep_border=keep_border)
+        boxes, areas = [[c.x, c.y, c.w, c.h] for c in found], [c.area for c in found]
+        crops = cell_crops(image, found)
     if stain_normalise:
         crops = normalise_stain(crops)
     return SlideCells(
-        width=image.shape[1],
-        height=image.shape[0],
-        boxes=np.array([[c.x, c.y, c.w, c.h] for c in found], dtype=np.int32).reshape(-1, 4),
-        areas=np.array([c.area for c in found], dtype=np.int32),
+        width=width,
+        height=height,
+        boxes=np.array(boxes, dtype=np.int32).reshape(-1, 4),
+        areas=np.array(areas, dtype=np.int32),
         crops=crops,
         image=image if keep_image else None,
     )

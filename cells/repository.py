@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cells.errors import MissingInput
 
-DEFAULT_REPOSITORY = Path("model_repository")
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"  # the released model, from any cwd
 CONFIG_FILE = "config.pbtxt"
 VERSION = 1
 # The file each platform serves from a version directory, in order of preference.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,6 +102,22 @@ def check_contract(metadata: dict, model: str) -> None:
 
 
 @dataclass
+class RequestTally:
+    """Requests answered and failed (retryable failures: down, busy, timed out) per server URL."""
+
+    answered: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+
+    def add(self, other: "RequestTally") -> None:
+        self.answered.update(other.answered)
+        self.failed.update(other.failed)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        urls = sorted(set(self.answered) | set(self.failed))
+        return {url: {"answered": self.answered[url], "failed": self.failed[url]} for url in urls}
+
+
+@dataclass
 class _Server:
     url: str
     client: object
@@ -171,8 +188,10 @@ class TritonClassifier:
     def chunk_size(self) -> int:
         return min(self.options.batch_size, self.max_batch_size) if self.max_batch_size > 0 else self.options.batch_size
 
-    async def classify(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities [N,2] for uint8 crops [N,128,128,3], in input order, each crop exactly once."""
+    async def classify(self, images: np.ndarray, tally: RequestTally | None = None) -> np.ndarray:
+        """Probabilities [N,2] for uint8 crops [N,128,128,3], in input order, each crop exactly once.
+
+        `tally`, when given, counts this call's requests per server."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[1:] != INPUT_SHAPE:
             raise InferenceRejected(f"crops must be uint8 [N,{','.join(map(str, INPUT_SHAPE))}], got {images.dtype} {list(images.shape)}")
@@ -183,7 +202,7 @@ class TritonClassifier:
 
         async def bounded(chunk: np.ndarray) -> np.ndarray:
             async with gate:
-                return await self._infer_with_retries(chunk)
+                return await self._infer_with_retries(chunk, tally)
 
         parts = await asyncio.gather(*(bounded(images[i : i + size]) for i in range(0, len(images), size)))
         return np.concatenate(parts)
@@ -198,7 +217,7 @@ class TritonClassifier:
                 return server
         return min(self.servers, key=lambda s: s.down_until)
 
-    async def _infer_with_retries(self, chunk: np.ndarray) -> np.ndarray:
+    async def _infer_with_retries(self, chunk: np.ndarray, tally: RequestTally | None) -> np.ndarray:
         last_error: BaseException | None = None
         for attempt in range(self.options.retries + 1):
             server = self._next_server()
@@ -208,11 +227,15 @@ class TritonClassifier:
                 result = await asyncio.wait_for(self._infer(server, chunk), self.options.timeout_s)
                 if self.request_seconds is not None:
                     self.request_seconds.append(time.perf_counter() - started)
+                if tally is not None:
+                    tally.answered[server.url] += 1
                 return result
             except Exception as error:  # noqa: BLE001 - sorted into retryable or rejected below
                 if not is_retryable(error):
                     raise InferenceRejected(f"{server.url} rejected the request: {_message(error)}") from error
                 last_error = error
+                if tally is not None:
+                    tally.failed[server.url] += 1
                 delay = min(self.options.backoff_max_s, self.options.backoff_s * 2**attempt)
                 server.down_until = time.monotonic() + delay
                 self.retries_done += 1

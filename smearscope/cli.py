@@ -9,9 +9,10 @@ import bench.commands
 import deploy.commands
 import export.commands
 import train.commands
+import web.commands
 from cells.cli import HelpFormatter, execute
 
-STAGES = (train.commands, export.commands, deploy.commands, batch.commands, bench.commands)
+STAGES = (train.commands, export.commands, deploy.commands, batch.commands, bench.commands, web.commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""The web page for one smear at a time: FastAPI over the batch job's field function."""

@@ -1,0 +1,20 @@
+"""The web page's settings, light to import so `smearscope web --help` stays quick."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batch.field import FieldSettings
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    """`smearscope web --help` documents each (web/commands.py)."""
+
+    triton_urls: tuple[str, ...]
+    protocol: str = "grpc"
+    settings: FieldSettings = field(default_factory=FieldSettings)
+    max_upload_bytes: int = 32 * MIB
+    workers: int = 2  # fields analysed at once; more requests wait their turn
+    max_queued: int = 32  # requests waiting beyond which the server answers 503 (retry later)
