@@ -7,6 +7,7 @@ from pathlib import Path
 
 from batch.run import BatchOptions
 from cells.cli import add_command
+from deploy.client import POLICIES
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -29,6 +30,8 @@ def _run(args: argparse.Namespace) -> int:
         stain_normalise=args.stain_normalise,
         overlays=args.overlays,
         overwrite=args.overwrite,
+        worker_cpus=args.worker_cpus,
+        triton_policy=args.triton_policy,
     ))
 
 
@@ -36,7 +39,10 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     defaults = BatchOptions  # the dataclass's field defaults are the flags' defaults
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs, .zip/.tar/.tar.gz archives")
     parser.add_argument("--output", type=Path, required=True, help="results folder (reused: finished slides are skipped)")
-    parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; default: start an embedded one")
+    parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; {node}:PORT is the worker's own "
+                        "node (a Triton per node); default: start an embedded one")
+    parser.add_argument("--triton-policy", choices=POLICIES, default=defaults.triton_policy,
+                        help="spread requests over the URLs, or send all to the first that is up (node-local first)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default=defaults.protocol, help="how to talk to Triton")
     parser.add_argument("--model", default=defaults.model, help="model name on the server")
     parser.add_argument("--repository", type=Path, default=defaults.repository, help="model repository for the embedded Triton")
@@ -44,7 +50,9 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime threads of the embedded Triton (0: one per core)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference request")
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, help="inference requests in flight")
-    parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides in flight over all workers (0: 2 per worker)")
+    parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides in flight (0: two per task slot of the cluster)")
+    parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus,
+                        help="CPUs each slide's Ray task reserves (0.5: two slides a core, one preparing while one is classified)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="larger images are refused")
     parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")

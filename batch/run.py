@@ -1,8 +1,8 @@
 """The batch job: `python batch/run.py --input ... --output ...` (also `smearscope run`, and `ray job submit`).
 
-Ray actors, one per CPU of the cluster (batch/workers.py), each take whole slides: decode, find
-cells, crop, stain and classify through their own Triton client (batch/field.py, the function the
-web page uses too). The driver only schedules slides with bounded concurrency and writes each
+One Ray task per slide (batch/workers.py) takes it whole: decode, find cells, crop, stain and
+classify through the worker's own Triton client (batch/field.py, the function the web page uses
+too). The driver only schedules slides with bounded concurrency and writes each
 slide's result atomically as it arrives: a resumed run skips finished slides, so each is written once.
 """
 from __future__ import annotations
@@ -45,7 +45,9 @@ class BatchOptions:
     server_threads: int = 0  # ONNX Runtime threads of the embedded Triton; 0: one per core
     batch_size: int = REQUEST_BATCH_SIZE
     max_in_flight: int = MAX_IN_FLIGHT
-    max_pending: int = 0  # slides in flight at once over all workers; 0: two per worker
+    max_pending: int = 0  # slides in flight at once; 0: two per task slot of the cluster
+    worker_cpus: float = 1.0  # CPUs each slide's task reserves
+    triton_policy: str = "round-robin"  # or "first-up": the first URL that answers takes every request
     ray_address: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_border_cells: bool = False
@@ -116,34 +118,34 @@ class Placement:
 
 
 async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Placement, str]:
-    """Send slides to the Ray workers with bounded concurrency; write each finished slide at once.
+    """Send slides to Ray tasks with bounded concurrency; write each finished slide at once.
 
     Returns the progress, where the work went, and the model version the servers reported.
     """
-    from ray.exceptions import RayActorError
+    import ray
+    from ray.exceptions import RayError, RayTaskError
 
-    from batch.workers import start_workers
+    from batch.workers import remote_analyse_slide
 
     client_options = ClientOptions(tuple(urls), protocol=options.protocol, model=options.model,
-                                   batch_size=options.batch_size, max_in_flight=options.max_in_flight)
+                                   batch_size=options.batch_size, max_in_flight=options.max_in_flight,
+                                   policy=options.triton_policy)
     settings = FieldSettings(options.max_pixels, options.keep_border_cells, options.stain_normalise)
-    workers = start_workers(client_options, settings, options.overlays)
-    slots: asyncio.Queue = asyncio.Queue()  # one entry per slide a worker may hold: bounds what is in flight
-    per_worker = max(1, options.max_pending // len(workers)) if options.max_pending else 2
-    for _ in range(per_worker):
-        for worker in workers:
-            slots.put_nowait(worker)
+    analyse = remote_analyse_slide(options.worker_cpus)
+    options_ref, settings_ref = ray.put(client_options), ray.put(settings)
+    cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
+    gate = asyncio.Semaphore(options.max_pending or max(2, int(2 * cpus / options.worker_cpus)))
     output = options.output
     done = set() if options.overwrite else finished_keys(output)
     progress, placement = Progress(), Placement()
     model_versions: set[str] = set()
 
-    async def handle(slide: Slide, worker) -> None:
+    async def handle(slide: Slide) -> None:
         try:
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
-                outcome = await worker.analyse.remote(slide)
+                outcome = await analyse.remote(slide, options_ref, settings_ref, options.overlays)
                 placement.add(outcome)
                 if outcome.lost:
                     print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)
@@ -155,15 +157,14 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
                     path = overlay_path(output, slide)
                     atomic_write(path, outcome.overlay_png)
                     result.overlay = str(path.relative_to(output))
-        except RayActorError as error:  # the worker died on every try: this slide, not the run, fails
+        except RayTaskError as error:  # a bug in the worker's code: this slide fails, not the run
+            result = failed(slide.slide_id, slide.source, f"internal error: {describe(error.cause or error, 160)}")
+        except RayError as error:  # its worker or node died on every try
             placement.worker_failures += 1
             result = failed(slide.slide_id, slide.source,
-                            f"worker died {WORKER_RETRIES + 1} times processing it: {describe(error, 120)}")
-        except Exception as error:  # noqa: BLE001 - a worker bug fails this slide, not the run
-            cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's exception
-            result = failed(slide.slide_id, slide.source, f"internal error: {describe(cause, 160)}")
+                            f"worker lost {WORKER_RETRIES + 1} times processing it: {describe(error, 120)}")
         finally:
-            slots.put_nowait(worker)
+            gate.release()
         write_part(output, slide.key, result)
         progress.add(result.cells, error=result.status == "error")
 
@@ -174,8 +175,8 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
             skipped += 1
             continue
         progress.total += 1
-        worker = await slots.get()
-        tasks.append(asyncio.create_task(handle(slide, worker)))
+        await gate.acquire()
+        tasks.append(asyncio.create_task(handle(slide)))
     await asyncio.gather(*tasks)
     progress.close()
     progress.skipped = skipped

@@ -1,12 +1,17 @@
-"""The batch job's Ray workers: each holds its own Triton client and takes whole fields end to end.
+"""The batch job's Ray task: one slide end to end on a worker, classified through the worker's own Triton client.
 
 The driver sends a slide (a path, or an archive member's bytes) and gets back its result rows: tens
-of bytes a cell, so neither the crops nor Triton's traffic pass through the driver. A worker killed
-mid-slide is restarted by Ray and the slide retried on it (on another node if its node is gone).
+of bytes a cell, so neither the crops nor Triton's traffic pass through the driver. A task whose
+worker process or node dies is rerun by Ray on whichever node has a free CPU.
+
+Each worker process keeps one asyncio loop in a background thread and one connected client per
+set of options on it, so a slide pays no connection set-up after the process's first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batch.field import FieldSettings
@@ -15,6 +20,7 @@ from batch.results import SlideResult, failed
 from deploy.client import ClientOptions, RequestTally
 
 WORKER_RETRIES = 2  # a slide whose worker dies this many times more becomes an error row
+NODE_PLACEHOLDER = "{node}"  # in a Triton URL: the address of the node the worker runs on
 
 
 @dataclass
@@ -30,55 +36,68 @@ class Outcome:
     tally: RequestTally = field(default_factory=RequestTally)
 
 
-class FieldWorker:
-    """A Ray actor (see `start_workers`): an asyncio Triton client opened on first use, kept for every slide."""
+_loop: asyncio.AbstractEventLoop | None = None
+_classifiers: dict = {}
+_lock = threading.Lock()
 
-    def __init__(self, client_options: ClientOptions, settings: FieldSettings, overlays: bool) -> None:
-        import asyncio
 
-        import ray
+def _client_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="triton-client", daemon=True).start()
+    return _loop
 
-        self.client_options, self.settings, self.overlays = client_options, settings, overlays
-        context = ray.get_runtime_context()
-        self.node_id, self.node_address = context.get_node_id(), ray.util.get_node_ip_address()
-        self.classifier = None
-        self.connecting = asyncio.Lock()
 
-    async def _classifier(self):
-        from deploy.client import TritonClassifier
+def node_urls(urls: tuple[str, ...], node_address: str) -> tuple[str, ...]:
+    """The URLs with `{node}` replaced by this node's address (a Triton on every node)."""
+    return tuple(url.replace(NODE_PLACEHOLDER, node_address) for url in urls)
 
-        async with self.connecting:
-            if self.classifier is None:
-                self.classifier = await TritonClassifier(self.client_options).connect()
-        return self.classifier
 
-    async def analyse(self, slide: Slide) -> Outcome:
-        from batch.field import analyse_field
-        from deploy.client import InferenceRejected, ServersUnavailable
+async def _classifier(options: ClientOptions):
+    from deploy.client import TritonClassifier
 
-        outcome = Outcome(None, self.node_id, self.node_address)
-        try:
-            data = slide.data if slide.data is not None else Path(slide.path).read_bytes()
-        except OSError as error:
-            outcome.result = failed(slide.slide_id, slide.source, f"unreadable file: {error.strerror or error}")
-            return outcome
-        try:
-            classifier = await self._classifier()
-            analysed = await analyse_field(data, classifier, self.settings, slide.slide_id, slide.source,
-                                           keep_image=self.overlays, tally=outcome.tally)
-        except (InferenceRejected, ServersUnavailable) as error:
-            outcome.lost = str(error)
-            return outcome
-        outcome.result, outcome.model_version = analysed.result, classifier.model_version
-        if self.overlays and analysed.result.status == "ok":
-            outcome.overlay_png = analysed.overlay_png()
+    if options not in _classifiers:
+        _classifiers[options] = await TritonClassifier(options).connect()
+    return _classifiers[options]
+
+
+async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool,
+                   outcome: Outcome) -> Outcome:
+    from batch.field import analyse_field
+    from deploy.client import InferenceRejected, ServersUnavailable
+
+    try:
+        data = slide.data if slide.data is not None else Path(slide.path).read_bytes()
+    except OSError as error:
+        outcome.result = failed(slide.slide_id, slide.source, f"unreadable file: {error.strerror or error}")
         return outcome
+    try:
+        classifier = await _classifier(options)
+        analysed = await analyse_field(data, classifier, settings, slide.slide_id, slide.source,
+                                       keep_image=overlays, tally=outcome.tally)
+    except (InferenceRejected, ServersUnavailable) as error:
+        outcome.lost = str(error)
+        return outcome
+    outcome.result, outcome.model_version = analysed.result, classifier.model_version
+    if overlays and analysed.result.status == "ok":
+        outcome.overlay_png = analysed.overlay_png()
+    return outcome
 
 
-def start_workers(client_options: ClientOptions, settings: FieldSettings, overlays: bool, count: int = 0) -> list:
-    """`count` FieldWorker actors (0: one per CPU of the cluster), spread over its nodes."""
+def analyse_slide(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool) -> Outcome:
+    """The Ray task's body: this slide's Outcome, computed on the worker's client loop."""
     import ray
 
-    count = count or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=WORKER_RETRIES)(FieldWorker)
-    return [actor.options(scheduling_strategy="SPREAD").remote(client_options, settings, overlays) for _ in range(count)]
+    address = ray.util.get_node_ip_address()
+    outcome = Outcome(None, ray.get_runtime_context().get_node_id(), address)
+    options = replace(options, urls=node_urls(options.urls, address))
+    return asyncio.run_coroutine_threadsafe(_analyse(slide, options, settings, overlays, outcome), _client_loop()).result()
+
+
+def remote_analyse_slide(cpus: float = 1.0):
+    """`analyse_slide` as a Ray task taking `cpus` CPUs, rerun up to WORKER_RETRIES times if its worker dies."""
+    import ray
+
+    return ray.remote(num_cpus=cpus, max_retries=WORKER_RETRIES)(analyse_slide)

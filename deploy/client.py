@@ -45,6 +45,9 @@ class ServersUnavailable(UserError, RuntimeError):
     """No server answered within the retries."""
 
 
+POLICIES = ("round-robin", "first-up")
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     urls: tuple[str, ...]
@@ -56,10 +59,13 @@ class ClientOptions:
     retries: int = 6
     backoff_s: float = 0.2
     backoff_max_s: float = 5.0
+    policy: str = "round-robin"  # or "first-up": the first URL that is up takes every request (a node-local server)
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
             raise BadInput(f"protocol must be grpc or http, not {self.protocol!r}")
+        if self.policy not in POLICIES:
+            raise BadInput(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if not self.urls:
             raise BadInput("at least one Triton URL is needed")
 
@@ -208,8 +214,11 @@ class TritonClassifier:
         return np.concatenate(parts)
 
     def _next_server(self) -> _Server:
-        """Round robin over servers that are not marked down; the soonest back if all are."""
+        """Round robin (or, for "first-up", the first in order) over servers that are not marked down;
+        the soonest back if all are."""
         now = time.monotonic()
+        if self.options.policy == "first-up":
+            return next((s for s in self.servers if s.down_until <= now), min(self.servers, key=lambda s: s.down_until))
         for _ in range(len(self.servers)):
             server = self.servers[self._turn % len(self.servers)]
             self._turn += 1
