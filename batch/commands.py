@@ -26,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         ray_address=args.ray_address,
         max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
         keep_border_cells=args.keep_border_cells,
         stain_normalise=args.stain_normalise,
         overlays=args.overlays,
@@ -55,6 +56,8 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
                         help="CPUs each slide's Ray task reserves (0.5: two slides a core, one preparing while one is classified)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="larger images are refused")
+    parser.add_argument("--max-bytes", type=int, default=defaults.max_bytes,
+                        help="larger files and archive members are refused without being read")
     parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
     parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=defaults.stain_normalise,
                         help="recolour each slide's cells to the training data's stain (cells/stain.py)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python batc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch.field import FieldSettings  # noqa: E402
-from batch.inputs import Slide, expand, iter_slides, slide_name  # noqa: E402
+from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
 from batch.results import atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
 from batch.slides import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -50,6 +52,7 @@ class BatchOptions:
     triton_policy: str = "round-robin"  # or "first-up": the first URL that answers takes every request
     ray_address: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
     keep_border_cells: bool = False
     stain_normalise: bool = True
     overlays: bool = False
@@ -106,15 +109,23 @@ class Placement:
     nodes: dict[str, dict] = field(default_factory=dict)
     tally: RequestTally = field(default_factory=RequestTally)
     worker_failures: int = 0
+    bytes_received: int = 0  # what the driver took in from workers: the bound on one driver's throughput
 
     def add(self, outcome: Outcome) -> None:
+        self.bytes_received += len(pickle.dumps(outcome))
         node = self.nodes.setdefault(outcome.node_id, {"address": outcome.node_address, "slides": 0, "cells": 0})
         node["slides"] += 1
         node["cells"] += outcome.result.cells if outcome.result else 0
         self.tally.add(outcome.tally)
 
-    def report(self) -> dict:
-        return {"nodes": self.nodes, "triton_requests": self.tally.as_dict(), "worker_failures": self.worker_failures}
+    def report(self, cells: int) -> dict:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # this process only: not Ray's or Triton's
+        cpu = usage.ru_utime + usage.ru_stime
+        return {
+            "nodes": self.nodes, "triton_requests": self.tally.as_dict(), "worker_failures": self.worker_failures,
+            "driver_cpu_seconds": round(cpu, 2), "driver_cpu_ms_per_cell": round(1000 * cpu / max(cells, 1), 3),
+            "driver_bytes_per_cell": round(self.bytes_received / max(cells, 1), 1),
+        }
 
 
 async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Placement, str]:
@@ -145,7 +156,7 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
-                outcome = await analyse.remote(slide, options_ref, settings_ref, options.overlays)
+                outcome = await analyse.remote(slide, options_ref, settings_ref, options.overlays, options.max_bytes)
                 placement.add(outcome)
                 if outcome.lost:
                     print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)
@@ -170,7 +181,7 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
 
     skipped = 0
     tasks = []
-    for slide in iter_slides(options.inputs):
+    for slide in iter_slides(options.inputs, options.max_bytes):
         if slide.key in done:
             skipped += 1
             continue
@@ -259,7 +270,7 @@ def run(options: BatchOptions) -> int:
         "cells_per_second": round(progress.cells / wall, 2),
         "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
         "slides_per_second": round((progress.done - progress.lost) / wall, 3),
-        **placement.report(),
+        **placement.report(progress.cells),
     }
     (options.output / "run.json").write_text(json.dumps(report, indent=2))
     print(summary_table(results))

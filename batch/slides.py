@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from cells.crop import crop_cell, to_rgb
 
-# Modes a smear photograph can honestly come in; anything else (float, 32-bit int, 1-bit) is refused.
-SUPPORTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"}
+
+# Modes a smear photograph can honestly come in (16-bit grayscale too; Pillow reads 48-bit RGB as
+# RGB); anything else (float, 1-bit) is refused.
+SUPPORTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I"}
 DEFAULT_MAX_PIXELS = 50_000_000  # ~40x a 1280x960 field; larger is a decompression bomb or not a field
 # An image no larger than this a side is one cell crop (NIH crops are 50-400 px), classified whole.
 CELL_IMAGE_MAX_SIDE = 400
@@ -55,7 +58,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
                 if image.mode not in SUPPORTED_MODES:
                     raise NotAnImage(f"unsupported image mode {image.mode}")
                 image.load()
-                return np.asarray(image.convert("RGB"))
+                return np.asarray(to_rgb(image))
     except SlideError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -78,7 +81,6 @@ def prepare(
 
     An image of at most CELL_IMAGE_MAX_SIDE a side is one cell crop, as in the NIH set: the whole
     image is the cell, fitted by `crop_cell` as in training."""
-    from cells.crop import crop_cell
     from cells.find import cell_crops, find_cells  # scikit-image: imported by workers only
     from cells.stain import normalise_stain
 

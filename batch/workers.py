@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from batch.field import FieldSettings
-from batch.inputs import Slide
+from batch.inputs import Slide, TooLarge, read_file
 from batch.results import SlideResult, failed
 from deploy.client import ClientOptions, RequestTally
 
@@ -63,13 +62,16 @@ async def _classifier(options: ClientOptions):
     return _classifiers[options]
 
 
-async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool,
+async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool, max_bytes: int,
                    outcome: Outcome) -> Outcome:
     from batch.field import analyse_field
     from deploy.client import InferenceRejected, ServersUnavailable
 
     try:
-        data = slide.data if slide.data is not None else Path(slide.path).read_bytes()
+        data = slide.data if slide.data is not None else read_file(slide.path, max_bytes)
+    except TooLarge as error:
+        outcome.result = failed(slide.slide_id, slide.source, f"file {error}")
+        return outcome
     except OSError as error:
         outcome.result = failed(slide.slide_id, slide.source, f"unreadable file: {error.strerror or error}")
         return outcome
@@ -86,14 +88,15 @@ async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings
     return outcome
 
 
-def analyse_slide(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool) -> Outcome:
+def analyse_slide(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool,
+                  max_bytes: int) -> Outcome:
     """The Ray task's body: this slide's Outcome, computed on the worker's client loop."""
     import ray
 
     address = ray.util.get_node_ip_address()
     outcome = Outcome(None, ray.get_runtime_context().get_node_id(), address)
     options = replace(options, urls=node_urls(options.urls, address))
-    return asyncio.run_coroutine_threadsafe(_analyse(slide, options, settings, overlays, outcome), _client_loop()).result()
+    return asyncio.run_coroutine_threadsafe(_analyse(slide, options, settings, overlays, max_bytes, outcome), _client_loop()).result()
 
 
 def remote_analyse_slide(cpus: float = 1.0):

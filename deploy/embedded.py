@@ -74,8 +74,9 @@ def _fix_python_backend_environment() -> None:
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     """Start Triton, print the URLs when ready, and block until SIGINT/SIGTERM or `stop` is set."""
     from pytriton.decorators import batch
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    from tritonclient.grpc import model_config_pb2 as pb
 
     from cells.runtime import OnnxClassifier
 
@@ -89,6 +90,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         return {OUTPUT_NAME: classifier(inputs[INPUT_NAME])}
 
     input_config, output_config = config.input[0], config.output[0]
+    queue = config.dynamic_batching.default_queue_policy
     stop = stop or threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         # A background process from a non-interactive shell inherits SIGINT ignored: handle it explicitly.
@@ -116,6 +118,11 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
                 batcher=DynamicBatcher(
                     max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
                     preferred_batch_size=list(config.dynamic_batching.preferred_batch_size) or None,
+                    default_queue_policy=QueuePolicy(
+                        timeout_action=TimeoutAction(pb.ModelQueuePolicy.TimeoutAction.Name(queue.timeout_action)),
+                        default_timeout_microseconds=queue.default_timeout_microseconds,
+                        max_queue_size=queue.max_queue_size,
+                    ),
                 ),
             ),
             strict=True,

@@ -19,6 +19,11 @@ class ServingParameters:
     max_batch_size: int = MAX_BATCH_SIZE
     preferred_batch_sizes: tuple[int, ...] = (16, 32, 64)
     max_queue_delay_microseconds: int = 2000
+    # Overload: beyond this many queued requests (at 64 crops, ~3 MB each) Triton rejects new ones
+    # (UNAVAILABLE: the client backs off and retries); a request queued longer than the timeout is
+    # rejected too, before the client's own 60 s timeout gives up on it.
+    max_queue_size: int = 64
+    queue_timeout_microseconds: int = 30_000_000
     instance_count: int = 1
     onnx_on_gpu: bool = False
 
@@ -37,7 +42,13 @@ def build_config(params: ServingParameters, platform: str) -> pb.ModelConfig:
             pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[len(CLASSES)], label_filename=LABELS_FILE)
         ],
         dynamic_batching=pb.ModelDynamicBatching(
-            preferred_batch_size=preferred, max_queue_delay_microseconds=params.max_queue_delay_microseconds
+            preferred_batch_size=preferred,
+            max_queue_delay_microseconds=params.max_queue_delay_microseconds,
+            default_queue_policy=pb.ModelQueuePolicy(
+                timeout_action=pb.ModelQueuePolicy.REJECT,
+                default_timeout_microseconds=params.queue_timeout_microseconds,
+                max_queue_size=params.max_queue_size,
+            ),
         ),
         instance_group=[
             pb.ModelInstanceGroup(

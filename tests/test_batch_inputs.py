@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.inputs import expand, iter_slides
+from batch.inputs import TooLarge, expand, iter_slides, read_file
 from batch.slides import SlideError, decode
+from tests.png16 import png16
 
 FIELDS = Path(__file__).parent / "fixtures" / "smears"
 
@@ -66,22 +67,112 @@ def test_expand_files_folders_and_globs(tmp_path):
         expand([str(tmp_path / "*.nothing")])
 
 
-def test_archives_are_streamed_and_member_names_are_only_labels(tmp_path):
+def _tar_add(archive: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+    archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def test_archives_are_streamed_and_unsafe_members_are_error_rows(tmp_path):
     data = _field_bytes()
     with zipfile.ZipFile(tmp_path / "slides.zip", "w") as archive:
         archive.writestr("../../escape.jpg", data)
         archive.writestr("dir/field.jpg", data)
         archive.writestr("readme.txt", "not an image")
+        link = zipfile.ZipInfo("link.jpg")
+        link.external_attr = (0o120777 << 16)  # a symbolic link, as `zip --symlinks` stores it
+        archive.writestr(link, "/etc/passwd")
     with tarfile.open(tmp_path / "slides.tar.gz", "w:gz") as archive:
-        for name in ("one.jpg", "/abs/two.jpg"):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    slides = list(iter_slides([str(tmp_path / "slides.zip"), str(tmp_path / "slides.tar.gz")]))
-    assert [s.slide_id.split("!")[1] for s in slides] == ["../../escape.jpg", "dir/field.jpg", "one.jpg", "/abs/two.jpg"]
-    assert all(s.data == data and s.path is None and s.error is None for s in slides)
-    assert len({s.key for s in slides}) == 4 and all(s.key.isalnum() for s in slides)
+        _tar_add(archive, "one.jpg", data)
+        _tar_add(archive, "/abs/two.jpg", data)
+        _tar_add(archive, "sym.jpg", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        _tar_add(archive, "hard.jpg", kind=tarfile.LNKTYPE, link="one.jpg")
+        _tar_add(archive, "dev.jpg", kind=tarfile.CHRTYPE)
+        _tar_add(archive, "fifo.jpg", kind=tarfile.FIFOTYPE)
+        _tar_add(archive, "last.jpg", data)
+    slides = {s.slide_id.split("!")[1]: s for s in iter_slides([str(tmp_path / "slides.zip"), str(tmp_path / "slides.tar.gz")])}
+    assert [name for name, s in slides.items() if s.error is None] == ["dir/field.jpg", "one.jpg", "last.jpg"]
+    assert all(slides[name].data == data for name in ("dir/field.jpg", "one.jpg", "last.jpg"))
+    reasons = {name: s.error for name, s in slides.items() if s.error}
+    assert reasons == {
+        "../../escape.jpg": "member path outside the archive (..)",
+        "link.jpg": "archive member is a symbolic link, not a file",
+        "/abs/two.jpg": "absolute member path",
+        "sym.jpg": "archive member is a link, not a file",
+        "hard.jpg": "archive member is a link, not a file",
+        "dev.jpg": "archive member is a device, not a file",
+        "fifo.jpg": "archive member is a FIFO, not a file",
+    }
+    assert len({s.key for s in slides.values()}) == len(slides) and all(s.key.isalnum() for s in slides.values())
     assert not (tmp_path.parent / "escape.jpg").exists()
+
+
+def test_no_input_is_read_past_the_byte_limit(tmp_path):
+    huge = tmp_path / "huge.tif"
+    with open(huge, "wb") as handle:  # 3 GB, sparse: costs no disk, would cost 3 GB of memory if read
+        handle.truncate(3 << 30)
+    (slide,) = iter_slides([str(huge)])
+    assert slide.error.startswith("file too large: 3,221,225,472 bytes")
+    with pytest.raises(TooLarge):
+        read_file(str(huge), 1 << 20)  # a file that grew after it was listed: the read stops at the cap
+    inflating = b"\0" * (8 << 20)  # deflates to a few kB: a zip bomb in miniature
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb.png", inflating)
+    with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as archive:
+        _tar_add(archive, "bomb.png", inflating)
+        _tar_add(archive, "after.jpg", _field_bytes())
+    slides = list(iter_slides([str(tmp_path / "bomb.zip"), str(tmp_path / "bomb.tar.gz")], max_bytes=1 << 20))
+    assert [s.error for s in slides] == ["archive member too large: 8,388,608 bytes > 1,048,576 (--max-bytes)"] * 2 + [None]
+    assert slides[-1].data == _field_bytes()  # the stream went on past the refused member
+
+
+def test_things_named_like_images_that_are_not_files(tmp_path):
+    import os
+
+    folder = tmp_path / "in"
+    (folder / "looks.jpg").mkdir(parents=True)  # a directory named like an image: searched like any folder
+    (folder / "looks.jpg" / "inner.jpg").write_bytes(_field_bytes())
+    os.mkfifo(folder / "pipe.jpg")  # reading it would block forever
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    slides = {Path(s.slide_id).name: s for s in iter_slides([str(folder)])}
+    assert slides["inner.jpg"].error is None
+    assert slides["pipe.jpg"].error == "not a regular file (a device, FIFO or socket)"
+    assert slides["dangling.jpg"].error.startswith("unreadable file")
+    (direct,) = iter_slides([str(folder / "pipe.jpg")])
+    assert direct.error.startswith("not a regular file")
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_every_mode_a_camera_writes_decodes_to_rgb(tmp_path):
+    import tifffile
+
+    field = np.asarray(Image.open(io.BytesIO(_field_bytes())).convert("RGB"))[:300, :400]
+    deep = field.astype(np.uint16) * 257  # 16 bits a channel, same picture
+    tiff16, tiff48 = io.BytesIO(), io.BytesIO()
+    tifffile.imwrite(tiff16, deep[..., 1])
+    tifffile.imwrite(tiff48, deep)
+    cases = {
+        "16-bit grayscale PNG": png16(deep[..., 1]),
+        "16-bit grayscale TIFF": tiff16.getvalue(),
+        "48-bit RGB PNG": png16(deep),
+        "48-bit RGB TIFF": tiff48.getvalue(),
+        "palette PNG": _encoded(Image.fromarray(field).quantize(64), "PNG"),
+        "CMYK JPEG": _encoded(Image.fromarray(field).convert("CMYK"), "JPEG"),
+        "RGBA PNG": _encoded(Image.fromarray(field).convert("RGBA"), "PNG"),
+        "grayscale JPEG": _encoded(Image.fromarray(field).convert("L"), "JPEG"),
+    }
+    for name, data in cases.items():
+        image = decode(data)
+        assert image.dtype == np.uint8 and image.shape == (300, 400, 3), name
+        assert 60 < image.mean() < 250, name  # not black, not saturated: 16-bit data scaled, not clipped
+    png_named_jpg = tmp_path / "really-a-png.jpg"
+    png_named_jpg.write_bytes(_encoded(Image.fromarray(field), "PNG"))
+    assert np.array_equal(decode(png_named_jpg.read_bytes()), field)
 
 
 def test_broken_archive_members_become_error_slides(tmp_path):
