@@ -226,7 +226,7 @@ class TritonClassifier:
                 return server
         return min(self.servers, key=lambda s: s.down_until)
 
-    async def _infer_with_retries(self, chunk: np.ndarray, tally: RequestTally | None) -> np.ndarray:
+    async def _infer_with_retries(self, chunk: np.ndarray, tally: RequestTally | None = None) -> np.ndarray:
         last_error: BaseException | None = None
         for attempt in range(self.options.retries + 1):
             server = self._next_server()

@@ -222,3 +222,98 @@ def test_busy_port_and_missing_model_are_one_line_errors(repository, tmp_path):
     empty = run_cli("serve", "--repository", str(tmp_path), timeout=60)
     assert empty.returncode != 0 and "no model 'malaria_resnet50v2'" in empty.stderr
     assert "Traceback" not in busy.stderr + empty.stderr
+
+
+def _raw_http(url: str, request: bytes, read: bool = True) -> bytes:
+    """Bytes straight onto the server's HTTP socket: what no well-behaved client would send."""
+    import socket
+
+    host, port = url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        if not read:
+            return b""  # closed mid-body: a truncated request
+        connection.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_garbage_and_truncated_http_bodies_are_refused_and_the_server_keeps_serving(server, crops, expected):
+    path = f"/v2/models/{MODEL_NAME}/infer"
+    garbage = b"\x00\xffnot json at all{{"
+    answers = {
+        "garbage JSON": _raw_http(server.http_url, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                                  % len(garbage) + garbage),
+        "binary header longer than the body": _raw_http(
+            server.http_url, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: 500\r\n"
+            b"Content-Length: 10\r\nConnection: close\r\n\r\n0123456789"),
+        "declared tensor larger than its bytes": _raw_http(
+            server.http_url, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body := (
+                b'{"inputs":[{"name":"image","shape":[4,128,128,3],"datatype":"UINT8","data":[1,2,3]}]}')), body)),
+    }
+    for name, answer in answers.items():  # Triton answers unparsable JSON with 500, the rest with 400
+        status = answer.split(b"\r\n", 1)[0]
+        assert status.startswith((b"HTTP/1.1 400", b"HTTP/1.1 500")), (name, answer[:300])
+        assert b'{"error":"' in answer, (name, answer[:300])
+    for _ in range(3):  # bodies cut off mid-way: the connection closes with bytes still owed
+        _raw_http(server.http_url, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000\r\n\r\n{\"inputs\":[", read=False)
+    client = httpclient.InferenceServerClient(server.http_url)
+    good = httpclient.InferInput("image", [2, 128, 128, 3], "UINT8")
+    good.set_data_from_numpy(crops[:2])
+    np.testing.assert_allclose(client.infer(MODEL_NAME, [good]).as_numpy("probabilities"), expected[:2], atol=1e-5)
+    assert client.is_server_live()
+
+
+def _tree_rss_mib(pgid: int) -> float:
+    """Resident memory of every process of a process group, MiB."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            stat = (status.parent / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[2]) != pgid:
+                continue
+            total += next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
+def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops, expected, tmp_path):
+    """A server whose queue holds 2 requests, and 32 clients at once: rejections, retries, every answer right."""
+    import shutil
+
+    from export.triton_config import ServingParameters, write_model_config
+
+    small = tmp_path / "repo"
+    shutil.copytree(repository, small)
+    write_model_config(small, ServingParameters(max_queue_size=2))
+    with EmbeddedServer(small, threads=1) as running:
+        peak = _tree_rss_mib(running.process.pid)
+        idle = peak
+
+        async def one_client(index: int) -> tuple[np.ndarray, int]:
+            options = ClientOptions((running.grpc_url,), batch_size=16, max_in_flight=1, backoff_s=0.05, retries=10)
+            async with TritonClassifier(options) as classifier:
+                return await classifier.classify(crops[index % 8 : index % 8 + 16]), classifier.retries_done
+
+        async def burst():
+            nonlocal peak
+            tasks = [asyncio.create_task(one_client(i)) for i in range(32)]
+            while not all(t.done() for t in tasks):
+                peak = max(peak, _tree_rss_mib(running.process.pid))
+                await asyncio.sleep(0.05)
+            return [t.result() for t in tasks]
+
+        answers = asyncio.run(burst())
+        assert running.ready()
+    for index, (probabilities, _) in enumerate(answers):
+        np.testing.assert_allclose(probabilities, expected[index % 8 : index % 8 + 16], atol=1e-5)
+    retried = sum(retries for _, retries in answers)
+    assert retried > 0, "the queue limit never rejected anything"
+    print(f"overload: 32 clients, queue 2: {retried} rejections retried; server RSS {idle:.0f} MiB idle, "
+          f"{peak:.0f} MiB peak")
