@@ -100,7 +100,7 @@ def analyse_slide(slide: Slide, options: ClientOptions, settings: FieldSettings,
 
 
 def remote_analyse_slide(cpus: float = 1.0):
-    """`analyse_slide` as a Ray task taking `cpus` CPUs, rerun up to WORKER_RETRIES times if its worker dies."""
+    """`analyse_slide` as a Ray task of `cpus` CPUs, spread over the nodes, rerun up to WORKER_RETRIES times if its worker dies."""
     import ray
 
-    return ray.remote(num_cpus=cpus, max_retries=WORKER_RETRIES)(analyse_slide)
+    return ray.remote(num_cpus=cpus, max_retries=WORKER_RETRIES, scheduling_strategy="SPREAD")(analyse_slide)

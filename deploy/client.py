@@ -128,6 +128,7 @@ class _Server:
     url: str
     client: object
     down_until: float = 0.0
+    failures: int = 0  # retryable failures in a row; the next back-off doubles with each
 
 
 @dataclass
@@ -227,9 +228,14 @@ class TritonClassifier:
         return min(self.servers, key=lambda s: s.down_until)
 
     async def _infer_with_retries(self, chunk: np.ndarray, tally: RequestTally | None = None) -> np.ndarray:
+        """Send one chunk; on a retryable failure mark that server down (longer each time it fails in
+        a row) and retry at once on another that is up, or, when none is, after the soonest is back."""
         last_error: BaseException | None = None
-        for attempt in range(self.options.retries + 1):
+        for _ in range(self.options.retries + 1):
             server = self._next_server()
+            wait = server.down_until - time.monotonic()
+            if wait > 0:  # every server is marked down
+                await asyncio.sleep(wait * random.uniform(1.0, 1.5))
             try:
                 self.requests_sent += 1
                 started = time.perf_counter()
@@ -238,6 +244,7 @@ class TritonClassifier:
                     self.request_seconds.append(time.perf_counter() - started)
                 if tally is not None:
                     tally.answered[server.url] += 1
+                server.failures = 0
                 return result
             except Exception as error:  # noqa: BLE001 - sorted into retryable or rejected below
                 if not is_retryable(error):
@@ -245,10 +252,10 @@ class TritonClassifier:
                 last_error = error
                 if tally is not None:
                     tally.failed[server.url] += 1
-                delay = min(self.options.backoff_max_s, self.options.backoff_s * 2**attempt)
+                server.failures += 1
+                delay = min(self.options.backoff_max_s, self.options.backoff_s * 2 ** (server.failures - 1))
                 server.down_until = time.monotonic() + delay
                 self.retries_done += 1
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
         raise ServersUnavailable(
             f"no server took a batch of {len(chunk)} after {self.options.retries + 1} attempts: {_message(last_error)}"
         )

@@ -66,3 +66,27 @@ def server(repository):
 
     with EmbeddedServer(repository) as running:
         yield running
+
+
+def result_tables(output: Path) -> tuple[list[dict], list[dict]]:
+    """A batch run's cells.parquet and slides.parquet as rows."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(output / "cells.parquet").to_pylist(), pq.read_table(output / "slides.parquet").to_pylist()
+
+
+def check_consistent(output: Path) -> tuple[list[dict], list[dict]]:
+    """Every slide once, every cell once, and each slide's counts equal to its cells'."""
+    cells, slides = result_tables(output)
+    assert len({s["slide"] for s in slides}) == len(slides)
+    assert len({(c["slide"], c["cell_id"]) for c in cells}) == len(cells)
+    for slide in slides:
+        mine = [c for c in cells if c["slide"] == slide["slide"]]
+        assert slide["cells"] == len(mine)
+        parasitized = sum(c["label"] == "Parasitized" for c in mine)
+        assert slide["parasitized"] == parasitized
+        assert slide["parasitemia_pct"] == pytest.approx(100 * parasitized / len(mine) if mine else 0.0)
+        for c in mine:
+            assert 0 <= c["x"] and c["x"] + c["w"] <= slide["width"] and 0 <= c["y"] and c["y"] + c["h"] <= slide["height"]
+            assert (c["label"] == "Parasitized") == (c["p_parasitized"] > 0.5)
+    return cells, slides

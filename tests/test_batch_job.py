@@ -5,17 +5,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from cells.contract import MODEL_NAME
-from deploy.server import free_port
-from tests.conftest import FIXTURES, run_cli
+from tests.cluster import BIN, LocalCluster
+from tests.conftest import FIXTURES, check_consistent, result_tables, run_cli
 
 pytestmark = pytest.mark.slow
 FIELDS = FIXTURES / "smears"
@@ -39,27 +37,6 @@ def inputs(tmp_path_factory):
     return folder
 
 
-def _tables(output: Path):
-    return pq.read_table(output / "cells.parquet").to_pylist(), pq.read_table(output / "slides.parquet").to_pylist()
-
-
-def _check_consistent(output: Path) -> tuple[list, list]:
-    cells, slides = _tables(output)
-    assert len({s["slide"] for s in slides}) == len(slides)  # each slide once
-    assert len({(c["slide"], c["cell_id"]) for c in cells}) == len(cells)  # each cell once
-    for slide in slides:
-        mine = [c for c in cells if c["slide"] == slide["slide"]]
-        assert slide["cells"] == len(mine)
-        parasitized = sum(c["label"] == "Parasitized" for c in mine)
-        assert slide["parasitized"] == parasitized
-        expected = 100 * parasitized / len(mine) if mine else 0.0
-        assert slide["parasitemia_pct"] == pytest.approx(expected)
-        for c in mine:
-            assert 0 <= c["x"] and c["x"] + c["w"] <= slide["width"] and 0 <= c["y"] and c["y"] + c["h"] <= slide["height"]
-            assert (c["label"] == "Parasitized") == (c["p_parasitized"] > 0.5)
-    return cells, slides
-
-
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory, inputs, repository):
     output = tmp_path_factory.mktemp("out")
@@ -71,7 +48,7 @@ def embedded_run(tmp_path_factory, inputs, repository):
 def test_embedded_default_writes_every_output(embedded_run):
     output, result = embedded_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    cells, slides = _check_consistent(output)
+    cells, slides = check_consistent(output)
     ok = [s for s in slides if s["status"] == "ok"]
     assert len(ok) == len(list(FIELDS.glob("*.JPG"))) + 1  # + the archive member
     assert all(s["cells"] >= 40 for s in ok)  # each fixture field holds ~100 red cells
@@ -92,12 +69,12 @@ def test_embedded_default_writes_every_output(embedded_run):
 
 def test_rerun_skips_finished_slides(embedded_run, inputs, repository, tmp_path):
     output, _ = embedded_run
-    before = _tables(output)
+    before = result_tables(output)
     again = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository), timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
     assert report["slides_processed_this_run"] == 0 and report["slides_skipped_as_finished"] == len(before[1])
-    assert _tables(output) == before
+    assert result_tables(output) == before
 
 
 def test_resume_after_a_killed_run(inputs, repository, tmp_path):
@@ -122,7 +99,7 @@ def test_resume_after_a_killed_run(inputs, repository, tmp_path):
     report = json.loads((output / "run.json").read_text())
     assert report["slides_skipped_as_finished"] == finished
     assert report["slides_processed_this_run"] == 12 - finished
-    _, slides = _check_consistent(output)
+    _, slides = check_consistent(output)
     assert len(slides) == 12 and all(s["status"] == "ok" for s in slides)
 
 
@@ -135,59 +112,24 @@ def test_nothing_processable_exits_nonzero(tmp_path, repository):
     assert missing.returncode != 0 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def _wait_http(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 def test_ray_job_submit_against_a_head_node(server, tmp_path):
-    """A real `ray start --head` on loopback ports, stopped by its PID (never `ray stop`)."""
-    bin_dir = Path(sys.executable).parent
-    dashboard = free_port()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
-    env.pop("RAY_ADDRESS", None)
-    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's Unix sockets live under it
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
-         "--temp-dir", ray_temp],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    """A real `ray start --head` with its dashboard, and `ray job submit` as the design card has it."""
     output = tmp_path / "out"
-    try:
-        _wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
+    with LocalCluster(dashboard=True) as cluster:
+        ray = str(BIN / "ray")
         submit = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-             "--submission-id", "smearscope-test", "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
+            [ray, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", "smearscope-test",
+             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
              "--", "python", "batch/run.py", "--input", str(FIELDS), "--output", str(output),
              "--triton-url", server.grpc_url],
-            env=env, capture_output=True, text=True, timeout=600,
+            env=cluster.env, capture_output=True, text=True, timeout=600,
         )
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
-        status = subprocess.run(
-            [str(bin_dir / "ray"), "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "smearscope-test"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )
+        status = subprocess.run([ray, "job", "status", "--address", cluster.dashboard_url, "smearscope-test"],
+                                env=cluster.env, capture_output=True, text=True, timeout=60)
         assert "Job 'smearscope-test' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
         assert "slides (" in submit.stdout  # the job's own summary line, streamed from its logs
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(ray_temp, ignore_errors=True)
-    _, slides = _check_consistent(output)
+    _, slides = check_consistent(output)
     assert len(slides) == len(list(FIELDS.glob("*.JPG"))) and all(s["status"] == "ok" for s in slides)
     report = json.loads((output / "run.json").read_text())
     assert report["triton_urls"] == [server.grpc_url] and not report["embedded_triton"]

@@ -4,12 +4,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from cells.contract import INPUT_SHAPE, MODEL_NAME
 from cells.errors import BadInput
-from deploy.client import ClientOptions, ContractError, TritonClassifier, _Server, check_contract, is_retryable
+from deploy.client import (
+    ClientOptions, ContractError, RequestTally, TritonClassifier, _Server, check_contract, is_retryable,
+)
 
 
 def metadata(**changes) -> dict:
@@ -80,3 +83,38 @@ def test_chunks_never_exceed_the_servers_max_batch():
     assert classifier.chunk_size() == 64
     classifier.max_batch_size = 16
     assert classifier.chunk_size() == 16
+
+
+def test_first_up_sends_everything_to_the_first_server_until_it_is_down():
+    classifier = TritonClassifier(ClientOptions(("local:1", "b:1", "c:1"), policy="first-up"))
+    classifier.servers = [_Server(url, client=None) for url in ("local:1", "b:1", "c:1")]
+    assert {classifier._next_server().url for _ in range(5)} == {"local:1"}
+    classifier.servers[0].down_until = time.monotonic() + 60
+    assert {classifier._next_server().url for _ in range(5)} == {"b:1"}
+
+
+def test_a_failing_server_is_left_for_another_that_is_up():
+    """Retries go to the next server at once; the failing one's back-off doubles while it keeps failing."""
+
+    class Down:
+        async def infer(self, *_, **__):
+            raise ConnectionRefusedError("down")
+
+    class Up:
+        async def infer(self, *_, **__):
+            return "answer"
+
+    async def run() -> tuple[TritonClassifier, RequestTally]:
+        classifier = TritonClassifier(ClientOptions(("local:1", "b:1"), policy="first-up", backoff_s=10))
+        classifier.servers = [_Server("local:1", Down()), _Server("b:1", Up())]
+        classifier._infer = lambda server, chunk: server.client.infer()
+        tally = RequestTally()
+        results = [await classifier._infer_with_retries(np.zeros(1), tally) for _ in range(3)]
+        assert results == ["answer"] * 3
+        return classifier, tally
+
+    started = time.monotonic()
+    classifier, tally = asyncio.run(run())
+    assert time.monotonic() - started < 1  # no sleeping while a server is up
+    assert tally.as_dict() == {"b:1": {"answered": 3, "failed": 0}, "local:1": {"answered": 0, "failed": 1}}
+    assert classifier.servers[0].failures == 1 and classifier.servers[0].down_until > time.monotonic() + 4  # backoff_max_s caps it at 5 s

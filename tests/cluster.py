@@ -1,0 +1,124 @@
+"""A real Ray cluster on this machine for tests: a head and worker nodes, each a `ray start --block`
+process in its own process group on explicit loopback ports, stopped by PID (never `ray stop`)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from deploy.server import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def ray_env() -> dict[str, str]:
+    """Offline, no auth, fast shutdown, and node deaths noticed within seconds rather than a minute."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+class LocalCluster:
+    """`with LocalCluster(workers=2) as cluster:` a head and `workers` worker nodes of `cpus` CPUs each."""
+
+    def __init__(self, workers: int = 0, cpus: int = 1, dashboard: bool = False) -> None:
+        self.workers, self.cpus, self.dashboard = workers, cpus, dashboard
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's Unix sockets live under it
+        self.env = ray_env()
+        self.head: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, arguments: list[str]) -> subprocess.Popen:
+        ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus),
+             "--disable-usage-stats", *ports, *arguments],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def start(self) -> "LocalCluster":
+        self.head = self._start(["--head", "--port", str(self.port), "--temp-dir", self.temp,
+                                 "--include-dashboard", str(self.dashboard).lower(), "--dashboard-host", "127.0.0.1",
+                                 "--dashboard-port", str(self.dashboard_port)])
+        self.wait_for_nodes(1)
+        for _ in range(self.workers):
+            self.add_node()
+        if self.dashboard:
+            self._wait_http(f"{self.dashboard_url}/api/version", 120)
+        return self
+
+    def add_node(self) -> subprocess.Popen:
+        node = self._start(["--address", self.address])
+        self.nodes.append(node)
+        self.wait_for_nodes(1 + sum(n.poll() is None for n in self.nodes))
+        return node
+
+    def node_addresses(self) -> list[str]:
+        """The address Ray gives each live node (not always the loopback it was started on: Ray issue 59110)."""
+        script = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                  "print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))")
+        result = subprocess.run([sys.executable, "-c", script, self.address], env=self.env, capture_output=True,
+                                text=True, timeout=120)
+        return result.stdout.strip().splitlines()[-1].split() if result.returncode == 0 and result.stdout.strip() else []
+
+    def wait_for_nodes(self, count: int, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if len(self.node_addresses()) == count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"the cluster did not reach {count} live nodes")
+
+    @staticmethod
+    def _wait_http(url: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(url)
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """A whole node gone at once, as when its machine dies: SIGKILL its process group."""
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    def stop(self) -> None:
+        for process in [*self.nodes, self.head]:
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,168 @@
+"""Scale-out and faults on a real local cluster: a head and two worker nodes, two Triton servers.
+
+Every fault run must end with each slide once, each cell once, and the same results as a clean run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cells.repository import DEFAULT_REPOSITORY
+from deploy.server import EmbeddedServer
+from tests.cluster import LocalCluster
+from tests.conftest import FIXTURES, check_consistent
+
+pytestmark = pytest.mark.slow
+COPIES = 4  # 3 fixture fields x 4 = 12 slides: long enough to interrupt, short enough for CI
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(workers=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as first, EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as second:
+        yield first, second
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("slides")
+    for copy in range(COPIES):
+        for field in sorted((FIXTURES / "smears").glob("*.JPG")):
+            shutil.copy(field, folder / f"{copy}-{field.name}")
+    return folder
+
+
+def command(cluster: LocalCluster, slides: Path, output: Path, urls: list[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "smearscope", "run", "--input", str(slides), "--output", str(output),
+            "--ray-address", cluster.address, "--triton-url", *urls, *extra]
+
+
+def run_job(cluster: LocalCluster, slides: Path, output: Path, urls: list[str], *extra: str) -> dict:
+    result = subprocess.run(command(cluster, slides, output, urls, *extra), env=cluster.env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads((output / "run.json").read_text())
+
+
+def start_job(cluster: LocalCluster, slides: Path, output: Path, urls: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command(cluster, slides, output, urls), env=cluster.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_parts(output: Path, count: int, job: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while len(list((output / "parts").glob("*.json"))) < count:
+        assert job.poll() is None, f"the job ended before {count} slides were done: {job.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.1)
+
+
+def finish(job: subprocess.Popen) -> str:
+    output, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, output[-3000:]
+    return output
+
+
+def by_slide(output: Path) -> dict[str, tuple]:
+    """Each slide's counts and cells (box, label, probability), keyed by file name."""
+    cells, slides = check_consistent(output)
+    rows = {}
+    for slide in slides:
+        mine = [(c["x"], c["y"], c["w"], c["h"], c["label"], round(c["p_parasitized"], 5))
+                for c in cells if c["slide"] == slide["slide"]]
+        rows[Path(slide["slide"]).name] = (slide["status"], slide["cells"], slide["parasitized"], tuple(mine))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def clean(cluster, servers, slides, tmp_path_factory):
+    """A run with nothing going wrong, over both servers: the reference for every fault run."""
+    output = tmp_path_factory.mktemp("clean")
+    report = run_job(cluster, slides, output, [servers[0].grpc_url, servers[1].grpc_url])
+    return output, report, by_slide(output)
+
+
+def test_a_clean_run_spreads_over_three_nodes_and_two_servers(clean, servers):
+    _, report, rows = clean
+    assert len(rows) == 3 * COPIES and all(status == "ok" for status, *_ in rows.values())
+    assert len(report["nodes"]) == 3 and all(node["slides"] > 0 for node in report["nodes"].values())
+    assert sum(node["cells"] for node in report["nodes"].values()) == report["cells"]
+    requests = report["triton_requests"]
+    assert set(requests) == {s.grpc_url for s in servers} and all(r["answered"] > 0 for r in requests.values())
+    assert report["driver_bytes_per_cell"] < 1000  # rows, not crops (a crop is 49,152 bytes)
+    print(f"three-node run: {json.dumps({k: report[k] for k in ('nodes', 'triton_requests', 'driver_cpu_ms_per_cell', 'driver_bytes_per_cell', 'cells_per_second')})}")
+
+
+def test_node_local_server_first(cluster, servers, slides, tmp_path):
+    """{node}:PORT with first-up: every request goes to the server on the worker's own node."""
+    (address,) = set(cluster.node_addresses())  # one machine: every node has the same address
+    output = tmp_path / "out"
+    with EmbeddedServer(DEFAULT_REPOSITORY, host=address, threads=1) as local:
+        report = run_job(cluster, slides, output, [f"{{node}}:{local.grpc_port}", servers[1].grpc_url],
+                         "--triton-policy", "first-up")
+    requests = report["triton_requests"]
+    assert list(requests) == [local.grpc_url] and requests[local.grpc_url]["failed"] == 0
+
+
+def test_one_of_two_triton_servers_killed_mid_run(cluster, servers, slides, clean, tmp_path):
+    output = tmp_path / "out"
+    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as doomed:
+        job = start_job(cluster, slides, output, [doomed.grpc_url, servers[1].grpc_url])
+        wait_for_parts(output, 2, job)
+        doomed.kill()
+        finish(job)
+    assert by_slide(output) == clean[2]
+    requests = json.loads((output / "run.json").read_text())["triton_requests"]
+    assert requests[servers[1].grpc_url]["answered"] > 0
+
+
+def test_a_killed_worker_process_has_its_slide_retried(cluster, servers, slides, clean, tmp_path):
+    output = tmp_path / "out"
+    job = start_job(cluster, slides, output, [servers[0].grpc_url])
+    wait_for_parts(output, 2, job)
+    busy = subprocess.run(["pgrep", "-f", "ray::analyse_slide"], capture_output=True, text=True).stdout.split()
+    assert busy, "no worker was running a slide"
+    os.kill(int(busy[0]), signal.SIGKILL)
+    finish(job)
+    assert by_slide(output) == clean[2]
+
+
+def test_a_killed_worker_node_has_its_slides_retried_elsewhere(cluster, servers, slides, clean, tmp_path):
+    output = tmp_path / "out"
+    doomed = cluster.add_node()
+    try:
+        job = start_job(cluster, slides, output, [servers[0].grpc_url, servers[1].grpc_url])
+        wait_for_parts(output, 2, job)
+        cluster.kill_node(doomed)
+        finish(job)
+    finally:
+        cluster.nodes.remove(doomed)
+    assert by_slide(output) == clean[2]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_driver_resumes(cluster, servers, slides, clean, tmp_path, signum):
+    output = tmp_path / "out"
+    job = start_job(cluster, slides, output, [servers[0].grpc_url])
+    wait_for_parts(output, 2, job)
+    os.killpg(job.pid, signum)
+    job.communicate(timeout=120)
+    finished = len(list((output / "parts").glob("*.json")))
+    assert 2 <= finished < 3 * COPIES, "the run was not interrupted mid-way"
+    report = run_job(cluster, slides, output, [servers[0].grpc_url])
+    assert report["slides_skipped_as_finished"] == finished
+    assert report["slides_processed_this_run"] == 3 * COPIES - finished
+    assert by_slide(output) == clean[2]
