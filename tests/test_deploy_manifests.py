@@ -1,9 +1,12 @@
 """GPU-host and Kubernetes files, validated offline (they are not run here: no GPU, no cluster)."""
+import argparse
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from batch.commands import configure_run
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -14,22 +17,31 @@ def _documents(path: Path) -> list[dict]:
 
 def test_triton_manifests_pass_the_kubernetes_schema():
     documents = _documents(DEPLOY / "k8s" / "triton.yaml")
-    assert {d["kind"] for d in documents} == {"Deployment", "Service"}
+    assert [d["kind"] for d in documents] == ["DaemonSet", "Service", "Service"]
     for document in documents:
         kubernetes_validate.validate(document, "1.30", strict=True)
-    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    deployment = next(d for d in documents if d["kind"] == "DaemonSet")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    service = next(d for d in documents if d["kind"] == "Service")
-    assert sorted(p["port"] for p in service["spec"]["ports"]) == [8000, 8001, 8002]
+    services = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "Service"}
+    assert sorted(p["port"] for p in services["triton"]["ports"]) == [8000, 8001, 8002]
+    assert services["triton-local"]["internalTrafficPolicy"] == "Local"  # the caller's own node only
+    assert services["triton-local"]["selector"] == services["triton"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
 def test_rayjob_runs_the_batch_job_against_the_triton_service():
     (job,) = _documents(DEPLOY / "k8s" / "rayjob.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    assert "batch/run.py" in job["spec"]["entrypoint"] and "triton:8001" in job["spec"]["entrypoint"]
+    entrypoint = job["spec"]["entrypoint"].split()
+    assert "batch/run.py" in entrypoint
+    urls = entrypoint[entrypoint.index("--triton-url") + 1 : entrypoint.index("--triton-url") + 3]
+    assert urls == ["triton-local:8001", "triton:8001"]  # node-local first, then any
+    assert entrypoint[entrypoint.index("--triton-policy") + 1] == "first-up"
+    parser = argparse.ArgumentParser()
+    configure_run(parser)
+    parser.parse_args(entrypoint[2:])  # every flag of the entrypoint is one the job takes
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.60")
     for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
