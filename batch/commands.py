@@ -5,8 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
+from batch.field import FINDERS, FieldSettings
 from batch.run import BatchOptions
 from cells.cli import add_command
+from cells.repository import DEFAULT_REPOSITORY
 from deploy.client import POLICIES
 
 
@@ -25,15 +27,29 @@ def _run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         max_pending=args.max_pending,
         ray_address=args.ray_address,
-        max_pixels=args.max_pixels,
         max_bytes=args.max_bytes,
-        keep_border_cells=args.keep_border_cells,
-        stain_normalise=args.stain_normalise,
         overlays=args.overlays,
         overwrite=args.overwrite,
         worker_cpus=args.worker_cpus,
         triton_policy=args.triton_policy,
+        settings=field_settings(args),
     ))
+
+
+def add_field_flags(parser: argparse.ArgumentParser, defaults: FieldSettings) -> None:
+    """How each field is read and its cells found (FieldSettings): the batch job and the page share these flags."""
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="larger images are refused")
+    parser.add_argument("--finder", choices=FINDERS, default=defaults.finder,
+                        help="classical (cells/find.py) or learned (the rbc_detector model in Triton, cells/detect.py)")
+    parser.add_argument("--cell-diameter", type=float, default=defaults.cell_diameter,
+                        help="a typical red cell across, px (IML fields: 70); other magnifications are rescaled to it")
+    parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
+    parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=defaults.stain_normalise,
+                        help="recolour each field's cells to the training data's stain (cells/stain.py)")
+
+
+def field_settings(args: argparse.Namespace) -> FieldSettings:
+    return FieldSettings(args.max_pixels, args.keep_border_cells, args.stain_normalise, args.finder, args.cell_diameter)
 
 
 def configure_run(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +71,9 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus,
                         help="CPUs each slide's Ray task reserves (0.5: two slides a core, one preparing while one is classified)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="larger images are refused")
     parser.add_argument("--max-bytes", type=int, default=defaults.max_bytes,
                         help="larger files and archive members are refused without being read")
-    parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
-    parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=defaults.stain_normalise,
-                        help="recolour each slide's cells to the training data's stain (cells/stain.py)")
+    add_field_flags(parser, FieldSettings())
     parser.add_argument("--overlays", action="store_true", help="write overlays/<slide>-<key>.png, boxes coloured by class")
     parser.add_argument("--overwrite", action="store_true", help="redo slides already finished in --output")
     parser.set_defaults(handler=_run)
@@ -82,9 +95,11 @@ def _configure_evaluate_slides(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_detection(args: argparse.Namespace) -> int:
+    from cells.detect import onnx_finder
     from cells.detection_eval import print_detection_report
 
-    print_detection_report(args.images, args.annotations, args.margin)
+    find = onnx_finder(args.repository, args.threads) if args.finder == "learned" else None
+    print_detection_report(args.images, args.annotations, args.margin, find)
     return 0
 
 
@@ -94,6 +109,9 @@ def _configure_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder of field images")
     parser.add_argument("--annotations", type=Path, required=True, help="IML annotations.json")
     parser.add_argument("--margin", type=int, default=BORDER_MARGIN, help="boxes this close to the edge are don't-care, px")
+    parser.add_argument("--finder", choices=FINDERS, default="classical", help="which finder to score")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="where the learned detector is")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for the learned detector (0: one per core)")
     parser.set_defaults(handler=_evaluate_detection)
 
 

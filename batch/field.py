@@ -13,17 +13,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from batch.results import SlideResult, classified, failed
-from batch.slides import DEFAULT_MAX_PIXELS, SlideError, prepare
-from deploy.client import RequestTally, TritonClassifier
+from batch.slides import DEFAULT_MAX_PIXELS, SlideError, decode_field, find_classical, is_cell_image, slide_cells
+from cells.contract import DETECTOR_CELL_DIAMETER
+from cells.errors import BadInput
+from deploy.client import RequestTally, TritonModel
+
+FINDERS = ("classical", "learned")
 
 
 @dataclass(frozen=True)
 class FieldSettings:
-    """How a field is read and its cells chosen; the batch job and the page take the same flags."""
+    """How a field is read and its cells found; the batch job and the page take the same flags."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_border_cells: bool = False
     stain_normalise: bool = True
+    finder: str = "classical"  # or "learned": the detector served by Triton (cells/detect.py)
+    cell_diameter: float = DETECTOR_CELL_DIAMETER  # a typical red cell, px: fields at other magnifications
+
+    def __post_init__(self) -> None:
+        if self.finder not in FINDERS:
+            raise BadInput(f"finder must be one of {', '.join(FINDERS)}, not {self.finder!r}")
+        if not 10 <= self.cell_diameter <= 1000:
+            raise BadInput(f"cell diameter must be 10-1000 px, not {self.cell_diameter}")
 
 
 @dataclass
@@ -48,26 +60,38 @@ class AnalysedField:
 
 async def analyse_field(
     data: bytes,
-    classifier: TritonClassifier,
+    classifier: TritonModel,
     settings: FieldSettings,
     slide: str,
     source: str,
     keep_image: bool = False,
     tally: RequestTally | None = None,
+    detector: TritonModel | None = None,
 ) -> AnalysedField:
     """The field's cells classified, or an error row with the one-line reason it cannot be read.
 
-    The CPU part runs in a thread, so one process can classify one field while it prepares the next.
-    Errors of the servers (unavailable, rejected) are raised: they are not the field's fault.
+    Cells are found by the classical finder, or with `settings.finder == "learned"` by `detector`
+    (the maps come from Triton, the peaks and regions are computed here). The CPU parts run in a
+    thread, so one process can prepare one field while another is classified. Errors of the servers
+    (unavailable, rejected) are raised: they are not the field's fault.
     """
+    from cells.detect import cells_from_maps, detector_input
+
     started = time.monotonic()
     try:
-        prepared = await asyncio.to_thread(
-            prepare, data, max_pixels=settings.max_pixels, keep_image=keep_image,
-            keep_border=settings.keep_border_cells, stain_normalise=settings.stain_normalise,
-        )
+        image = await asyncio.to_thread(decode_field, data, settings.max_pixels)
     except SlideError as error:
         return AnalysedField(failed(slide, source, str(error)), error=error)
+    keep_border = settings.keep_border_cells
+    if is_cell_image(image):
+        found = None
+    elif settings.finder == "learned":
+        small, factor = await asyncio.to_thread(detector_input, image, settings.cell_diameter)
+        maps = await detector.detect(small, tally)
+        found = await asyncio.to_thread(cells_from_maps, maps, image.shape[:2], factor, keep_border)
+    else:
+        found = await asyncio.to_thread(find_classical, image, keep_border, settings.cell_diameter)
+    prepared = await asyncio.to_thread(slide_cells, image, found, keep_image, settings.stain_normalise)
     probabilities = await classifier.classify(prepared.crops, tally)
     result = classified(slide, source, prepared.boxes, prepared.areas, probabilities, prepared.width,
                         prepared.height, time.monotonic() - started)

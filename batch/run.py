@@ -24,7 +24,6 @@ from batch.field import FieldSettings  # noqa: E402
 from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
 from batch.results import atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
-from batch.slides import DEFAULT_MAX_PIXELS  # noqa: E402
 from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
@@ -51,10 +50,8 @@ class BatchOptions:
     worker_cpus: float = 1.0  # CPUs each slide's task reserves
     triton_policy: str = "round-robin"  # or "first-up": the first URL that answers takes every request
     ray_address: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
-    keep_border_cells: bool = False
-    stain_normalise: bool = True
+    settings: FieldSettings = field(default_factory=FieldSettings)  # how each field is read and its cells found
     overlays: bool = False
     overwrite: bool = False
 
@@ -141,7 +138,7 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
     client_options = ClientOptions(tuple(urls), protocol=options.protocol, model=options.model,
                                    batch_size=options.batch_size, max_in_flight=options.max_in_flight,
                                    policy=options.triton_policy)
-    settings = FieldSettings(options.max_pixels, options.keep_border_cells, options.stain_normalise)
+    settings = options.settings
     analyse = remote_analyse_slide(options.worker_cpus)
     options_ref, settings_ref = ray.put(client_options), ray.put(settings)
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
@@ -232,7 +229,7 @@ def run(options: BatchOptions) -> int:
     expand(options.inputs)  # fail fast on inputs that do not exist
     server = None
     if not options.triton_urls:
-        server = EmbeddedServer(options.repository, name=options.model, threads=options.server_threads).start()
+        server = EmbeddedServer(options.repository, threads=options.server_threads).start()
         print(f"embedded Triton on grpc {server.grpc_url} (model {options.model} from {options.repository})", flush=True)
     urls = list(options.triton_urls) or [server.grpc_url if options.protocol == "grpc" else server.http_url]
     try:
@@ -256,7 +253,7 @@ def run(options: BatchOptions) -> int:
         "triton_urls": urls,
         "protocol": options.protocol,
         "embedded_triton": server is not None,
-        "stain_normalise": options.stain_normalise,
+        **{name: getattr(options.settings, name) for name in ("stain_normalise", "finder", "cell_diameter")},
         "slides": slides,
         "slides_ok": ok,
         "slides_error": slides - ok,

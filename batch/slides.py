@@ -69,29 +69,31 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise SlideError(f"corrupt or truncated image: {str(error).splitlines()[0][:160]}") from error
 
 
-def prepare(
-    data: bytes,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    keep_image: bool = False,
-    keep_border: bool = False,
-    stain_normalise: bool = True,
-) -> SlideCells:
-    """Decode, find red cells, cut their crops with the shared crop function, and (by default)
-    recolour them to the training data's stain (`cells.stain`).
-
-    An image of at most CELL_IMAGE_MAX_SIDE a side is one cell crop, as in the NIH set: the whole
-    image is the cell, fitted by `crop_cell` as in training."""
-    from cells.find import cell_crops, find_cells  # scikit-image: imported by workers only
-    from cells.stain import normalise_stain
-
+def decode_field(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`decode`, refusing images too small to be a field or a cell."""
     image = decode(data, max_pixels)
     height, width = image.shape[:2]
     if min(height, width) < CELL_IMAGE_MIN_SIDE:
         raise SlideError(f"image too small ({width}x{height}): neither a smear field nor a cell crop")
-    if max(height, width) <= CELL_IMAGE_MAX_SIDE:
+    return image
+
+
+def is_cell_image(image: np.ndarray) -> bool:
+    """An image of at most CELL_IMAGE_MAX_SIDE a side is one cell crop, as in the NIH set."""
+    return max(image.shape[:2]) <= CELL_IMAGE_MAX_SIDE
+
+
+def slide_cells(image: np.ndarray, found: list | None, keep_image: bool = False, stain_normalise: bool = True) -> SlideCells:
+    """The found cells' crops, cut with the shared crop function and (by default) recoloured to the
+    training data's stain (`cells.stain`); `found` None: the whole image is one cell, fitted by
+    `crop_cell` as in training."""
+    from cells.find import cell_crops  # scikit-image: imported by workers only
+    from cells.stain import normalise_stain
+
+    height, width = image.shape[:2]
+    if found is None:
         boxes, areas, crops = [[0, 0, width, height]], [width * height], crop_cell(image)[None]
     else:
-        found = find_cells(image, keep_border=keep_border)
         boxes, areas = [[c.x, c.y, c.w, c.h] for c in found], [c.area for c in found]
         crops = cell_crops(image, found)
     if stain_normalise:
@@ -104,3 +106,24 @@ def prepare(
         crops=crops,
         image=image if keep_image else None,
     )
+
+
+def find_classical(image: np.ndarray, keep_border: bool = False, cell_diameter: float | None = None) -> list:
+    """The classical finder (`cells.find`), at the given typical cell diameter in px."""
+    from cells.find import FindParams, find_cells
+
+    params = FindParams() if cell_diameter is None else FindParams(cell_diameter=cell_diameter)
+    return find_cells(image, params, keep_border=keep_border)
+
+
+def prepare(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_image: bool = False,
+    keep_border: bool = False,
+    stain_normalise: bool = True,
+) -> SlideCells:
+    """Decode, find red cells with the classical finder and cut their crops, in one call."""
+    image = decode_field(data, max_pixels)
+    found = None if is_cell_image(image) else find_classical(image, keep_border)
+    return slide_cells(image, found, keep_image, stain_normalise)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from batch.field import FieldSettings
 from batch.inputs import Slide, TooLarge, read_file
 from batch.results import SlideResult, failed
-from deploy.client import ClientOptions, RequestTally
+from cells.contract import DETECTOR_NAME
+from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
 
 WORKER_RETRIES = 2  # a slide whose worker dies this many times more becomes an error row
 NODE_PLACEHOLDER = "{node}"  # in a Triton URL: the address of the node the worker runs on
@@ -36,7 +37,7 @@ class Outcome:
 
 
 _loop: asyncio.AbstractEventLoop | None = None
-_classifiers: dict = {}
+_models: dict = {}
 _lock = threading.Lock()
 
 
@@ -54,12 +55,13 @@ def node_urls(urls: tuple[str, ...], node_address: str) -> tuple[str, ...]:
     return tuple(url.replace(NODE_PLACEHOLDER, node_address) for url in urls)
 
 
-async def _classifier(options: ClientOptions):
-    from deploy.client import TritonClassifier
+async def _connected(options: ClientOptions, contract):
+    """This process's client for these options and contract, connected on first use."""
+    from deploy.client import TritonModel
 
-    if options not in _classifiers:
-        _classifiers[options] = await TritonClassifier(options).connect()
-    return _classifiers[options]
+    if (options, contract) not in _models:
+        _models[options, contract] = await TritonModel(options, contract=contract).connect()
+    return _models[options, contract]
 
 
 async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool, max_bytes: int,
@@ -76,9 +78,12 @@ async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings
         outcome.result = failed(slide.slide_id, slide.source, f"unreadable file: {error.strerror or error}")
         return outcome
     try:
-        classifier = await _classifier(options)
+        classifier = await _connected(options, CLASSIFIER)
+        detector = None
+        if settings.finder == "learned":
+            detector = await _connected(replace(options, model=DETECTOR_NAME, batch_size=1), DETECTOR)
         analysed = await analyse_field(data, classifier, settings, slide.slide_id, slide.source,
-                                       keep_image=overlays, tally=outcome.tally)
+                                       keep_image=overlays, tally=outcome.tally, detector=detector)
     except (InferenceRejected, ServersUnavailable) as error:
         outcome.lost = str(error)
         return outcome

@@ -91,9 +91,9 @@ def rate(predict, images: np.ndarray, batch_size: int) -> dict:
 
 
 def _onnx_rate(model: Path, crops_file: Path, threads: int, batch_size: int) -> dict:
-    from cells.runtime import OnnxClassifier
+    from cells.runtime import OnnxModel
 
-    classifier = OnnxClassifier(model, batch_size=batch_size, threads=threads)
+    classifier = OnnxModel(model, batch_size=batch_size, threads=threads)
     return rate(classifier, np.load(crops_file), batch_size)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cells.contract import INPUT_NAME, INPUT_SHAPE, MODEL_NAME, OPT_BATCH_SIZE
-from deploy.client import ClientOptions, TritonClassifier
+from deploy.client import ClientOptions, TritonModel
 from deploy.server import EmbeddedServer
 
 
@@ -45,7 +45,7 @@ def _server_stats(server: EmbeddedServer, name: str) -> dict:
 async def _point(url: str, protocol: str, crops: np.ndarray, batch: int, concurrency: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
     options = ClientOptions((url,), protocol=protocol, batch_size=batch, max_in_flight=concurrency)
-    async with TritonClassifier(options, request_seconds=latencies) as classifier:
+    async with TritonModel(options, request_seconds=latencies) as classifier:
         await classifier.classify(crops[: batch * min(concurrency, 4)])  # warm-up: connections, buffers
         latencies.clear()
         started = time.perf_counter()
@@ -62,9 +62,9 @@ def perf_analyzer_command(url: str, name: str, batch: int, concurrency: str) -> 
 
 def in_process_rate(model: Path, crops: np.ndarray, threads: int) -> float:
     from bench.batch import rate
-    from cells.runtime import OnnxClassifier
+    from cells.runtime import OnnxModel
 
-    return rate(OnnxClassifier(model, batch_size=OPT_BATCH_SIZE, threads=threads), crops, OPT_BATCH_SIZE)["images_per_s"]
+    return rate(OnnxModel(model, batch_size=OPT_BATCH_SIZE, threads=threads), crops, OPT_BATCH_SIZE)["images_per_s"]
 
 
 def bench_serving(options: ServeBenchOptions) -> dict:
@@ -73,7 +73,7 @@ def bench_serving(options: ServeBenchOptions) -> dict:
     crops = np.random.default_rng(0).integers(0, 256, (options.images, *INPUT_SHAPE), dtype=np.uint8)
     rows = []
     started = time.perf_counter()
-    server = EmbeddedServer(options.repository, name=options.name, threads=options.threads).start()
+    server = EmbeddedServer(options.repository, names=(options.name,), threads=options.threads).start()
     startup = time.perf_counter() - started
     try:
         for protocol in options.protocols:

@@ -31,3 +31,14 @@ MAX_BATCH_SIZE = 256  # the largest request Triton accepts, and the TensorRT pro
 OPT_BATCH_SIZE = 64  # the TensorRT profile's optimum
 REQUEST_BATCH_SIZE = 64  # crops per request the client sends
 MAX_IN_FLIGHT = 4  # requests the client keeps in flight
+
+
+# The learned red-cell detector (train/detector.py, cells/detect.py): a second model in the repository.
+DETECTOR_NAME = "rbc_detector"
+DETECTOR_INPUT = "field"  # uint8 [N, H, W, 3]: fields at 1/DETECTOR_SCALE, H and W multiples of DETECTOR_MULTIPLE
+DETECTOR_OUTPUT = "maps"  # FP32 [N, H, W, 2]: P(inside a red cell), centre heatmap
+DETECTOR_SCALE = 4
+DETECTOR_MULTIPLE = 16  # the detector downsamples 4 times
+# A typical red cell at the IML fields' magnification, px: fields at other magnifications are
+# rescaled to it (--cell-diameter), for the detector and the classical finder alike.
+DETECTOR_CELL_DIAMETER = 70.0

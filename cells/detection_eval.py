@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,9 +277,15 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def print_detection_report(images: Path, annotations_path: Path, margin: int = BORDER_MARGIN) -> Match:
-    """Print found vs annotated per field, then overall P/R/F1, the error kinds and mean seconds per field."""
-    from cells.find import find_cells  # here, so the metrics import without scikit-image
+def print_detection_report(images: Path, annotations_path: Path, margin: int = BORDER_MARGIN,
+                           find: Callable[[np.ndarray], list] | None = None) -> Match:
+    """Print found vs annotated per field, then overall P/R/F1, the error kinds and mean seconds per
+    field, for `find` (field -> cells; default the classical finder with border cells kept)."""
+    if find is None:
+        from cells.find import find_cells  # here, so the metrics import without scikit-image
+
+        def find(image: np.ndarray) -> list:
+            return find_cells(image, keep_border=True)
 
     annotations = load_annotations(annotations_path)
     total = Match(0, 0, 0)
@@ -291,7 +297,7 @@ def print_detection_report(images: Path, annotations_path: Path, margin: int = B
         image = load_rgb(images / name)
         height, width = image.shape[:2]
         start = time.perf_counter()
-        boxes = [cell.box for cell in find_cells(image, keep_border=True)]
+        boxes = [cell.box for cell in find(image)]
         seconds += time.perf_counter() - start
         match = score_field(boxes, annotations[name], width, height, margin)
         infected += infected_found(boxes, annotations[name])
@@ -308,5 +314,5 @@ def print_detection_report(images: Path, annotations_path: Path, margin: int = B
     )
     print("errors: " + ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items())))
     print(f"infected cells found (IoU >= {MIN_IOU}, border included): {infected[0]}/{infected[1]}")
-    print(f"mean seconds per field (find_cells only): {seconds / max(len(annotations), 1):.3f}")
+    print(f"mean seconds per field (finding only): {seconds / max(len(annotations), 1):.3f}")
     return total

@@ -30,13 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
-from cells.contract import IMAGE_SIZE
+from cells.contract import DETECTOR_CELL_DIAMETER, IMAGE_SIZE
 from cells.crop import cut_cell
 
 
@@ -51,7 +52,7 @@ class FindParams:
 
     scale: int = 2  # segment at 1/scale resolution
     smooth_sigma: float = 1.0  # Gaussian blur before thresholding, px at 1/scale (JPEG noise)
-    cell_diameter: float = 70.0  # typical cell, px at full resolution (IML boxes: 82 px)
+    cell_diameter: float = DETECTOR_CELL_DIAMETER  # typical cell, px at full resolution (IML boxes: 82 px)
     strict_level: float = 0.65  # threshold for cells and for splitting them
     seam_level: float = 0.3  # a thin line this much paler than its surroundings is a seam
     seam_width: float = 0.15  # widest seam, x cell_diameter
@@ -109,7 +110,7 @@ def find_cells(
         return []
     typical = float(np.median([region.area for region in regions]))
     cells = [
-        _to_cell(region, image.shape[:2], params)
+        region_to_cell(region, image.shape[:2], params)
         for region in regions
         if region.area >= params.min_area * typical
     ]
@@ -296,18 +297,22 @@ def _segment(strict: np.ndarray, lenient: np.ndarray, params: FindParams) -> np.
     return labels
 
 
-def _to_cell(region, shape: tuple[int, int], params: FindParams) -> Cell:
-    """A region of the 1/scale label image as a Cell at full resolution, in the annotators' box.
+def region_to_cell(region, shape: tuple[int, int], params: FindParams, factor: float | None = None) -> Cell:
+    """A region of a label image at 1/`factor` (default: params.scale) as a Cell at full
+    resolution, in the annotators' box.
 
     Annotators draw boxes a few px outside the cell (IML: 6 px a side at 70 px cells), and IoU
     is computed against those boxes, so the mask's box is widened by `box_margin` (within the
     field) and the mask padded to it. `cell_crops` frames crops on the mask, not on this margin.
     """
-    scale = params.scale
+    factor = params.scale if factor is None else factor
     height, width = shape
-    r0, c0, r1, c1 = (scale * value for value in region.bbox)
+    r0, c0, r1, c1 = (int(round(factor * value)) for value in region.bbox)
     r1, c1 = min(r1, height), min(c1, width)
-    mask = region.image.repeat(scale, axis=0).repeat(scale, axis=1)[: r1 - r0, : c1 - c0]
+    if factor == int(factor):
+        mask = region.image.repeat(int(factor), axis=0).repeat(int(factor), axis=1)[: r1 - r0, : c1 - c0]
+    else:
+        mask = np.asarray(Image.fromarray(region.image).resize((c1 - c0, r1 - r0), Image.Resampling.NEAREST))
     margin = params.border_margin
     touches = r0 <= margin or c0 <= margin or r1 >= height - margin or c1 >= width - margin
     pad = int(round(params.box_margin * params.cell_diameter))

@@ -1,4 +1,4 @@
-"""ONNX Runtime on CPU for the contract's model: evaluation, export parity and the embedded server share it."""
+"""ONNX Runtime on CPU for the repository's models: evaluation, export parity and the embedded server share it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,10 +15,12 @@ def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], images: np.n
     return np.concatenate(parts) if parts else np.zeros((0, len(CLASSES)), np.float32)
 
 
-class OnnxClassifier:
-    """uint8 crops [N,128,128,3] in, probabilities [N,2] out, in chunks of `batch_size`."""
+class OnnxModel:
+    """One input, one output, in chunks of `batch_size`: by default the classifier's contract,
+    uint8 crops [N,128,128,3] in, probabilities [N,2] out."""
 
-    def __init__(self, path: Path, batch_size: int = 64, threads: int = 0) -> None:
+    def __init__(self, path: Path, batch_size: int = 64, threads: int = 0, input_name: str = INPUT_NAME,
+                 output_name: str = OUTPUT_NAME) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -26,10 +28,10 @@ class OnnxClassifier:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.batch_size = batch_size
+        self.batch_size, self.input_name, self.output_name = batch_size, input_name, output_name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return predict_in_batches(self._run, images, self.batch_size)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        return self.session.run([self.output_name], {self.input_name: batch})[0]

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cells.contract import (
-    CLASSES, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME, OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
+    CHANNELS, CLASSES, DETECTOR_INPUT, DETECTOR_OUTPUT, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME,
+    OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
 )
 from cells.errors import BadInput, UserError, describe, first_line
 
@@ -89,13 +90,27 @@ def _message(error: BaseException) -> str:
     return describe(error)
 
 
-def check_contract(metadata: dict, model: str) -> None:
+@dataclass(frozen=True)
+class Contract:
+    """What a served model takes and returns (batch dimension first), from cells.contract."""
+
+    input_name: str
+    input_shape: tuple[int, ...]
+    output_name: str
+    output_shape: tuple[int, ...]
+
+
+CLASSIFIER = Contract(INPUT_NAME, (-1, *INPUT_SHAPE), OUTPUT_NAME, (-1, len(CLASSES)))
+DETECTOR = Contract(DETECTOR_INPUT, (-1, -1, -1, CHANNELS), DETECTOR_OUTPUT, (-1, -1, -1, 2))
+
+
+def check_contract(metadata: dict, model: str, contract: Contract = CLASSIFIER) -> None:
     """Compare the server's model metadata with the contract; raise with a one-line reason."""
     if metadata.get("name") != model:
         raise ContractError(f"server model is {metadata.get('name')!r}, expected {model!r}")
     expected = {
-        "inputs": (INPUT_NAME, INPUT_DTYPE, [-1, *INPUT_SHAPE]),
-        "outputs": (OUTPUT_NAME, OUTPUT_DTYPE, [-1, len(CLASSES)]),
+        "inputs": (contract.input_name, INPUT_DTYPE, list(contract.input_shape)),
+        "outputs": (contract.output_name, OUTPUT_DTYPE, list(contract.output_shape)),
     }
     for side, (name, dtype, shape) in expected.items():
         tensors = metadata.get(side, [])
@@ -132,8 +147,9 @@ class _Server:
 
 
 @dataclass
-class TritonClassifier:
-    """Use as `async with TritonClassifier(options) as classifier: probs = await classifier.classify(crops)`."""
+class TritonModel:
+    """A served model behind one or more URLs: `async with TritonModel(options) as classifier:
+    probs = await classifier.classify(crops)`; with `contract=DETECTOR`, `maps = await detector.detect(field)`."""
 
     options: ClientOptions
     max_batch_size: int = 0
@@ -142,6 +158,7 @@ class TritonClassifier:
     requests_sent: int = 0
     retries_done: int = 0
     request_seconds: list[float] | None = None  # when a list is given, each answered request's latency is added
+    contract: Contract = CLASSIFIER
     _turn: int = 0
 
     def _library(self):
@@ -151,7 +168,7 @@ class TritonClassifier:
             import tritonclient.http.aio as library
         return library
 
-    async def connect(self) -> "TritonClassifier":
+    async def connect(self) -> "TritonModel":
         """Open every URL; check the contract and read max_batch_size from the first that answers."""
         library = self._library()
         self.servers = [_Server(url, library.InferenceServerClient(url)) for url in self.options.urls]
@@ -166,7 +183,7 @@ class TritonClassifier:
                 errors.append(f"{server.url}: {_message(error)}")
                 server.down_until = time.monotonic() + self.options.backoff_max_s
                 continue
-            check_contract(metadata, self.options.model)
+            check_contract(metadata, self.options.model, self.contract)
             self.max_batch_size = int(config.get("max_batch_size", 0))
             self.model_version = max(metadata.get("versions", []), key=int, default="")
             return self
@@ -186,7 +203,7 @@ class TritonClassifier:
         for server in self.servers:
             await server.client.close()
 
-    async def __aenter__(self) -> "TritonClassifier":
+    async def __aenter__(self) -> "TritonModel":
         return await self.connect()
 
     async def __aexit__(self, *_: object) -> None:
@@ -213,6 +230,12 @@ class TritonClassifier:
 
         parts = await asyncio.gather(*(bounded(images[i : i + size]) for i in range(0, len(images), size)))
         return np.concatenate(parts)
+
+    async def detect(self, field: np.ndarray, tally: RequestTally | None = None) -> np.ndarray:
+        """The detector's maps [H, W, 2] for one uint8 field [H, W, 3] (contract DETECTOR)."""
+        if field.dtype != np.uint8 or field.ndim != 3 or field.shape[2] != CHANNELS:
+            raise InferenceRejected(f"a field must be uint8 [H,W,3], got {field.dtype} {list(field.shape)}")
+        return (await self._infer_with_retries(field[None], tally))[0]
 
     def _next_server(self) -> _Server:
         """Round robin (or, for "first-up", the first in order) over servers that are not marked down;
@@ -262,18 +285,18 @@ class TritonClassifier:
 
     async def _infer(self, server: _Server, chunk: np.ndarray) -> np.ndarray:
         library = self._library()
-        request = library.InferInput(INPUT_NAME, list(chunk.shape), INPUT_DTYPE)
+        request = library.InferInput(self.contract.input_name, list(chunk.shape), INPUT_DTYPE)
         request.set_data_from_numpy(np.ascontiguousarray(chunk))
-        output = library.InferRequestedOutput(OUTPUT_NAME)
+        output = library.InferRequestedOutput(self.contract.output_name)
         result = await server.client.infer(self.options.model, [request], outputs=[output])
-        return result.as_numpy(OUTPUT_NAME)
+        return result.as_numpy(self.contract.output_name)
 
 
 def classify(options: ClientOptions, images: np.ndarray) -> np.ndarray:
     """Synchronous convenience: connect, classify, close."""
 
     async def run() -> np.ndarray:
-        async with TritonClassifier(options) as classifier:
+        async with TritonModel(options) as classifier:
             return await classifier.classify(images)
 
     return asyncio.run(run())

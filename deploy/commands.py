@@ -5,7 +5,6 @@ import argparse
 from pathlib import Path
 
 from cells.cli import add_command
-from cells.contract import MODEL_NAME
 from cells.repository import DEFAULT_REPOSITORY
 
 
@@ -15,7 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     serve(
         ServeOptions(
             repository=args.repository,
-            name=args.name,
+            names=tuple(args.name or ()),
             host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
@@ -29,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    parser.add_argument("--name", default=MODEL_NAME, help="model to serve")
+    parser.add_argument("--name", nargs="+", help="models to serve (default: every model of the repository)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server on every interface")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")

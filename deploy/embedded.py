@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cells.contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+
 from cells.errors import UserError
 from cells.repository import CONFIG_FILE, model_dir, read_model_config, served_onnx
 
@@ -31,7 +31,7 @@ class ServeError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class ServeOptions:
     repository: Path
-    name: str = MODEL_NAME
+    names: tuple[str, ...] = ()  # models to serve; empty: every model of the repository
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -48,13 +48,23 @@ def check_port_free(host: str, port: int) -> None:
             raise ServeError(f"port {host}:{port} is not available ({error.strerror})") from error
 
 
-def servable_onnx(options: ServeOptions) -> tuple[Path, object]:
+def model_names(options: ServeOptions) -> tuple[str, ...]:
+    """The models to serve: those named, or every folder of the repository with a config."""
+    if options.names:
+        return options.names
+    names = tuple(sorted(p.parent.name for p in Path(options.repository).glob(f"*/{CONFIG_FILE}")))
+    if not names:
+        raise ServeError(f"no model in repository {options.repository} (no */{CONFIG_FILE})")
+    return names
+
+
+def servable_onnx(repository: Path, name: str) -> tuple[Path, object]:
     """The ONNX file and parsed config of the named model, or a one-line reason why not."""
-    model = model_dir(options.repository, options.name)
+    model = model_dir(repository, name)
     if not (model / CONFIG_FILE).is_file():
-        raise ServeError(f"no model {options.name!r} in repository {options.repository} (missing {CONFIG_FILE})")
+        raise ServeError(f"no model {name!r} in repository {repository} (missing {CONFIG_FILE})")
     config = read_model_config(model)
-    onnx = served_onnx(options.repository, options.name)
+    onnx = served_onnx(repository, name)
     if not onnx.is_file():
         raise ServeError(
             f"{model} has no {onnx.parent.name}/model.onnx; this CPU server runs ONNX models "
@@ -71,26 +81,52 @@ def _fix_python_backend_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
-def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
-    """Start Triton, print the URLs when ready, and block until SIGINT/SIGTERM or `stop` is set."""
+def _bind(triton, name: str, onnx: Path, config, threads: int) -> None:
+    """One repository model in PyTriton, with its config's tensors, batching and queue policy."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
     from tritonclient.grpc import model_config_pb2 as pb
 
-    from cells.runtime import OnnxClassifier
+    from cells.runtime import OnnxModel
 
-    onnx, config = servable_onnx(options)
-    for port in (options.http_port, options.grpc_port, options.metrics_port):
-        check_port_free(options.host, port)
-    classifier = OnnxClassifier(onnx, batch_size=max(1, config.max_batch_size), threads=options.threads)
+    input_config, output_config = config.input[0], config.output[0]
+    model = OnnxModel(onnx, batch_size=max(1, config.max_batch_size), threads=threads,
+                      input_name=input_config.name, output_name=output_config.name)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        return {OUTPUT_NAME: classifier(inputs[INPUT_NAME])}
+        return {output_config.name: model(inputs[input_config.name])}
 
-    input_config, output_config = config.input[0], config.output[0]
     queue = config.dynamic_batching.default_queue_policy
+    triton.bind(
+        model_name=name,
+        infer_func=infer,
+        inputs=[Tensor(name=input_config.name, dtype=np.uint8, shape=tuple(input_config.dims))],
+        outputs=[Tensor(name=output_config.name, dtype=np.float32, shape=tuple(output_config.dims))],
+        config=ModelConfig(
+            max_batch_size=config.max_batch_size,
+            batcher=DynamicBatcher(
+                max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
+                preferred_batch_size=list(config.dynamic_batching.preferred_batch_size) or None,
+                default_queue_policy=QueuePolicy(
+                    timeout_action=TimeoutAction(pb.ModelQueuePolicy.TimeoutAction.Name(queue.timeout_action)),
+                    default_timeout_microseconds=queue.default_timeout_microseconds,
+                    max_queue_size=queue.max_queue_size,
+                ),
+            ),
+        ),
+        strict=True,
+    )
+
+
+def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
+    """Start Triton with every model asked for, print the URLs when ready, and block until
+    SIGINT/SIGTERM or `stop` is set."""
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    models = {name: servable_onnx(options.repository, name) for name in model_names(options)}
+    for port in (options.http_port, options.grpc_port, options.metrics_port):
+        check_port_free(options.host, port)
     stop = stop or threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         # A background process from a non-interactive shell inherits SIGINT ignored: handle it explicitly.
@@ -108,28 +144,12 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     )
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
     with Triton(config=triton_config, security_config=security) as triton:
-        triton.bind(
-            model_name=options.name,
-            infer_func=infer,
-            inputs=[Tensor(name=input_config.name, dtype=np.uint8, shape=tuple(input_config.dims))],
-            outputs=[Tensor(name=output_config.name, dtype=np.float32, shape=tuple(output_config.dims))],
-            config=ModelConfig(
-                max_batch_size=config.max_batch_size,
-                batcher=DynamicBatcher(
-                    max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
-                    preferred_batch_size=list(config.dynamic_batching.preferred_batch_size) or None,
-                    default_queue_policy=QueuePolicy(
-                        timeout_action=TimeoutAction(pb.ModelQueuePolicy.TimeoutAction.Name(queue.timeout_action)),
-                        default_timeout_microseconds=queue.default_timeout_microseconds,
-                        max_queue_size=queue.max_queue_size,
-                    ),
-                ),
-            ),
-            strict=True,
-        )
+        for name, (onnx, config) in models.items():
+            _bind(triton, name, onnx, config, options.threads)
         triton.run()
+        served = ", ".join(f"{name} ({onnx})" for name, (onnx, _) in models.items())
         print(
-            f"serving {options.name} ({onnx}) on http://{options.host}:{options.http_port} "
+            f"serving {served} on http://{options.host}:{options.http_port} "
             f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",
             flush=True,
         )

@@ -16,7 +16,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cells.contract import MODEL_NAME
 from deploy.embedded import ACCESS_TOKEN_ENV, ServeError
 
 
@@ -27,17 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedServer:
-    """`smearscope serve` in its own process group, ready when the model answers ready."""
+    """`smearscope serve` in its own process group (the named models, or all of the repository),
+    ready when the server says every model is."""
 
     def __init__(
         self,
         repository: Path,
-        name: str = MODEL_NAME,
+        names: tuple[str, ...] = (),
         host: str = "127.0.0.1",
         threads: int = 0,
         startup_timeout: float = 120.0,
     ) -> None:
-        self.repository, self.name, self.host = Path(repository), name, host
+        self.repository, self.names, self.host = Path(repository), tuple(names), host
         self.threads, self.startup_timeout = threads, startup_timeout
         self.http_port, self.grpc_port, self.metrics_port = (free_port(host) for _ in range(3))
         self.access_token = secrets.token_urlsafe(24)
@@ -58,7 +58,8 @@ class EmbeddedServer:
 
     def start(self) -> "EmbeddedServer":
         command = [
-            sys.executable, "-m", "smearscope", "serve", "--repository", str(self.repository), "--name", self.name,
+            sys.executable, "-m", "smearscope", "serve", "--repository", str(self.repository),
+            *(["--name", *self.names] if self.names else []),
             "--host", self.host, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--threads", str(self.threads),
             "--parent-pid", str(os.getpid()),  # a killed launcher must not leave its server running
@@ -78,7 +79,7 @@ class EmbeddedServer:
         raise ServeError(f"server not ready after {self.startup_timeout:.0f}s: {self._last_line()}")
 
     def ready(self) -> bool:
-        url = f"http://{self.http_url}/v2/models/{self.name}/ready"
+        url = f"http://{self.http_url}/v2/health/ready"  # every model loaded
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200

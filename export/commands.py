@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from cells.cli import add_command
@@ -84,7 +85,26 @@ def _configure_build_engine(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_build_engine)
 
 
+def _export_detector(args: argparse.Namespace) -> int:
+    from export.detector import export_detector
+
+    report = export_detector(args.model, args.repository, args.parity_data)
+    print(json.dumps({k: report[k] for k in ("parameters", "max_abs_diff", "same_cells", "sizes_bytes")}, indent=2))
+    return 0
+
+
+def _configure_export_detector(parser: argparse.ArgumentParser) -> None:
+    from export.detector import DEFAULT_PARITY_FIELDS
+
+    parser.add_argument("--model", type=Path, required=True, help="the detector's .keras (smearscope train-detector)")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository to write")
+    parser.add_argument("--parity-data", type=Path, default=DEFAULT_PARITY_FIELDS, help="fields for the parity gate")
+    parser.set_defaults(handler=_export_detector)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
+    add_command(commands, "export-detector", "the learned red-cell detector into the repository (ONNX, gated)",
+                _configure_export_detector)
     add_command(commands, "export", "Keras -> ONNX (-> TensorRT) -> Triton model repository", configure_export)
     add_command(commands, "quantize", "give an exported repository its INT8 CPU model, gated on validation cells",
                 _configure_quantize)

@@ -118,10 +118,10 @@ def gate_cells(data: Path, split: Path | None, calibration_count: int = CALIBRAT
 
 def int8_model(fp32: Path, work: Path, calibration: np.ndarray, validation) -> tuple[Path, dict, list[str]]:
     """Quantise, then gate on the validation cells: (INT8 path, gate report, reasons it fails)."""
-    from cells.runtime import OnnxClassifier
+    from cells.runtime import OnnxModel
 
     int8 = quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration)
-    report, failures = gate_int8(OnnxClassifier(fp32)(validation.images), OnnxClassifier(int8)(validation.images),
+    report, failures = gate_int8(OnnxModel(fp32)(validation.images), OnnxModel(int8)(validation.images),
                                  validation.labels)
     report |= {"calibration_images": int(len(calibration)), "onnx_int8_bytes": int8.stat().st_size}
     return int8, report, failures

@@ -8,15 +8,17 @@ from cells.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 OPSET = 17
 
 
-def keras_to_onnx(model, path: Path) -> Path:
-    """Convert with tf2onnx; the graph takes uint8 `image` [-1,128,128,3], returns FP32 `probabilities`."""
+def keras_to_onnx(model, path: Path, input_name: str = INPUT_NAME, input_shape: tuple = INPUT_SHAPE,
+                  output_name: str = OUTPUT_NAME) -> Path:
+    """Convert with tf2onnx, a dynamic batch and the contract's names: by default the classifier's,
+    uint8 `image` [-1,128,128,3] in, FP32 `probabilities` out."""
     import onnx
     import tensorflow as tf
     import tf2onnx
 
-    signature = (tf.TensorSpec((None, *INPUT_SHAPE), tf.uint8, name=INPUT_NAME),)
+    signature = (tf.TensorSpec((None, *input_shape), tf.uint8, name=input_name),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
-    _name_single_output(proto, OUTPUT_NAME)
+    _name_single_output(proto, output_name)
     onnx.checker.check_model(proto)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

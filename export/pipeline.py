@@ -41,11 +41,11 @@ class ExportOptions:
     work_dir: Path | None = None
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(f"export: {message}", flush=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -53,7 +53,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     versions = {}
     for package in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "onnxconverter-common"):
         try:
@@ -63,7 +63,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _writable_repository(repository: Path) -> None:
+def writable_repository(repository: Path) -> None:
     try:
         repository.mkdir(parents=True, exist_ok=True)
         probe = repository / ".write-test"
@@ -77,7 +77,7 @@ def export(options: ExportOptions) -> dict:
     """Run every step; nothing is written to the repository unless the parity gate passes."""
     import keras
 
-    from cells.runtime import OnnxClassifier
+    from cells.runtime import OnnxModel
     from train.data import list_samples, load_cells
     from train.evaluate import keras_predictor
 
@@ -85,37 +85,37 @@ def export(options: ExportOptions) -> dict:
     model_path = Path(options.model)
     if not model_path.is_file():
         raise ExportError(f"model not found: {model_path}")
-    _writable_repository(Path(options.repository))
+    writable_repository(Path(options.repository))
     profile = EngineProfile(opt_batch=options.opt_batch, max_batch=options.serving.max_batch_size, fp16=options.fp16)
     try:
         model = keras.models.load_model(model_path, compile=False)
     except Exception as error:  # noqa: BLE001 - any load failure means "not a usable Keras model"
         raise ExportError(f"cannot load {model_path} as a Keras model: {first_line(error)}") from error
-    _log(f"loaded {model_path} ({model.count_params():,} parameters)")
+    log(f"loaded {model_path} ({model.count_params():,} parameters)")
 
     work = Path(options.work_dir or model_path.parent / "export")
     work.mkdir(parents=True, exist_ok=True)
     fp32_path = keras_to_onnx(model, work / "model.fp32.onnx")
-    _log(f"ONNX FP32 written: {fp32_path} ({fp32_path.stat().st_size / 1e6:.1f} MB)")
+    log(f"ONNX FP32 written: {fp32_path} ({fp32_path.stat().st_size / 1e6:.1f} MB)")
     fp16_path = to_fp16(fp32_path, work / "model.fp16.onnx") if options.fp16 else None
     if fp16_path:
-        _log(f"ONNX FP16 written: {fp16_path} ({fp16_path.stat().st_size / 1e6:.1f} MB)")
+        log(f"ONNX FP16 written: {fp16_path} ({fp16_path.stat().st_size / 1e6:.1f} MB)")
 
     cells = load_cells(list_samples(options.parity_data))
     reference = keras_predictor(model)(cells.images)
-    fp32 = parity(reference, OnnxClassifier(fp32_path)(cells.images))
-    fp16 = parity(reference, OnnxClassifier(fp16_path)(cells.images)) if fp16_path else None
-    _log(f"parity on {len(cells.labels)} cells of {options.parity_data}: FP32 {fp32}" + (f", FP16 {fp16}" if fp16 else ""))
+    fp32 = parity(reference, OnnxModel(fp32_path)(cells.images))
+    fp16 = parity(reference, OnnxModel(fp16_path)(cells.images)) if fp16_path else None
+    log(f"parity on {len(cells.labels)} cells of {options.parity_data}: FP32 {fp32}" + (f", FP16 {fp16}" if fp16 else ""))
     failures = check_gate(fp32, fp16)
     int8_path, int8_report = None, None
     if options.int8:
         calibration, validation = gate_cells(options.calibration_data or options.parity_data, options.split)
         int8_path, int8_report, int8_failures = int8_model(fp32_path, work, calibration, validation)
-        _log(f"INT8 on {int8_report['validation_images']} validation cells: {int8_report}")
+        log(f"INT8 on {int8_report['validation_images']} validation cells: {int8_report}")
         failures += int8_failures
     report = {
         "source_model": str(model_path),
-        "source_sha256": _sha256(model_path),
+        "source_sha256": sha256(model_path),
         "parameters": model.count_params(),
         "parity_data": str(options.parity_data),
         "parity_images": int(len(cells.labels)),
@@ -125,7 +125,7 @@ def export(options: ExportOptions) -> dict:
         "sizes_bytes": {"onnx_fp32": fp32_path.stat().st_size, "onnx_fp16": fp16_path.stat().st_size if fp16_path else None},
         "served_onnx": "int8" if int8_path else "fp16" if fp16_path else "fp32",
         "tensorrt_profile": profile.shapes(),
-        "versions": _versions(),
+        "versions": versions(),
         "gate_passed": not failures,
     }
     if failures:
@@ -146,13 +146,13 @@ def export(options: ExportOptions) -> dict:
     if options.tensorrt:
         try:
             report["tensorrt"] = build_engine(fp32_path, version_dir / "model.plan", profile, work / "timing.cache")
-            _log(f"TensorRT engine written: {version_dir / 'model.plan'}")
+            log(f"TensorRT engine written: {version_dir / 'model.plan'}")
         except TensorRTUnavailable as error:
             tensorrt_error = str(error)
     config = write_model_config(Path(options.repository), options.serving)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    _log(f"repository written: {config} ({report['wall_seconds']}s)")
+    log(f"repository written: {config} ({report['wall_seconds']}s)")
     if tensorrt_error:
         raise ExportError(f"{tensorrt_error} (the repository keeps its ONNX model)")
     return report
@@ -171,7 +171,7 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
     fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
     calibration, validation = gate_cells(data, split)
     int8, report, failures = int8_model(fp32, work, calibration, validation)
-    _log(f"INT8 on {report['validation_images']} validation cells: {report}")
+    log(f"INT8 on {report['validation_images']} validation cells: {report}")
     if failures:
         raise ExportError("INT8 gate failed, repository unchanged: " + "; ".join(failures))
     if not source.is_file():
@@ -182,5 +182,5 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
     export_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     export_report |= {"int8_vs_fp32": report, "served_onnx": "int8", "int8_source": str(original)}
     report_path.write_text(json.dumps(export_report, indent=2))
-    _log(f"{served} is INT8 now ({int8.stat().st_size / 1e6:.1f} MB); {source} keeps the model GPU engines are built from")
+    log(f"{served} is INT8 now ({int8.stat().st_size / 1e6:.1f} MB); {source} keeps the model GPU engines are built from")
     return report

@@ -6,10 +6,10 @@ official Triton container (`deploy/`), and keep `engine.json` (versions, GPU) be
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cells.contract import INPUT_NAME, INPUT_SHAPE, MAX_BATCH_SIZE, OPT_BATCH_SIZE
+from cells.contract import DETECTOR_INPUT, DETECTOR_NAME, INPUT_NAME, INPUT_SHAPE, MAX_BATCH_SIZE, OPT_BATCH_SIZE
 from cells.errors import BadInput, UserError
 
 
@@ -24,6 +24,8 @@ class EngineProfile:
     max_batch: int = MAX_BATCH_SIZE
     fp16: bool = True
     workspace_mib: int = 4096
+    input_name: str = INPUT_NAME
+    item_shapes: tuple[tuple[int, ...], ...] = (INPUT_SHAPE, INPUT_SHAPE, INPUT_SHAPE)  # min, opt, max of one item
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -33,11 +35,17 @@ class EngineProfile:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The optimization profile of the dynamic batch dimension."""
+        low, typical, high = self.item_shapes
         return {
-            "min": (self.min_batch, *INPUT_SHAPE),
-            "opt": (self.opt_batch, *INPUT_SHAPE),
-            "max": (self.max_batch, *INPUT_SHAPE),
+            "min": (self.min_batch, *low),
+            "opt": (self.opt_batch, *typical),
+            "max": (self.max_batch, *high),
         }
+
+
+# The detector takes fields of any size: 1/4-resolution IML fields (240x320) are the optimum.
+DETECTOR_PROFILE = EngineProfile(opt_batch=1, max_batch=8, input_name=DETECTOR_INPUT,
+                                 item_shapes=((64, 64, 3), (240, 320, 3), (1024, 1024, 3)))
 
 
 def trtexec_command(onnx: Path, plan: Path, profile: EngineProfile, timing_cache: Path | None = None) -> list[str]:
@@ -47,9 +55,9 @@ def trtexec_command(onnx: Path, plan: Path, profile: EngineProfile, timing_cache
         "trtexec",
         f"--onnx={onnx}",
         f"--saveEngine={plan}",
-        f"--minShapes={INPUT_NAME}:{dims['min']}",
-        f"--optShapes={INPUT_NAME}:{dims['opt']}",
-        f"--maxShapes={INPUT_NAME}:{dims['max']}",
+        f"--minShapes={profile.input_name}:{dims['min']}",
+        f"--optShapes={profile.input_name}:{dims['opt']}",
+        f"--maxShapes={profile.input_name}:{dims['max']}",
         f"--memPoolSize=workspace:{profile.workspace_mib}M",
     ]
     if profile.fp16:
@@ -82,7 +90,7 @@ def build_engine(onnx: Path, plan: Path, profile: EngineProfile, timing_cache: P
         config.set_flag(trt.BuilderFlag.FP16)
     optimization = builder.create_optimization_profile()
     shapes = profile.shapes()
-    optimization.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
+    optimization.set_shape(profile.input_name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(optimization)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
@@ -120,9 +128,13 @@ def _gpu_name() -> str:
 def build_repository_engine(repository: Path, name: str, profile: EngineProfile) -> tuple[dict, Path]:
     """On the GPU host: model.plan from the repository's ONNX model, and config.pbtxt regenerated for it."""
     from cells.repository import engine_source, version_dir
-    from export.triton_config import ServingParameters, write_model_config
+    from export.triton_config import DETECTOR_SERVING, ServingParameters, write_model_config
 
+    if name == DETECTOR_NAME:
+        profile, serving = replace(DETECTOR_PROFILE, fp16=profile.fp16), DETECTOR_SERVING
+    else:
+        serving = ServingParameters(name=name, max_batch_size=profile.max_batch)
     plan = version_dir(repository, name) / "model.plan"
     metadata = build_engine(engine_source(repository, name), plan, profile, Path(repository) / "timing.cache")
-    config = write_model_config(repository, ServingParameters(name=name, max_batch_size=profile.max_batch))
+    config = write_model_config(repository, serving)
     return metadata, config

@@ -8,8 +8,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from cells.contract import (
-    CHANNELS, CLASSES, IMAGE_SIZE, INPUT_NAME, LABELS_FILE, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME, write_labels,
+    CHANNELS, CLASSES, DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, IMAGE_SIZE, INPUT_NAME, LABELS_FILE,
+    MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME, write_labels,
 )
+
+KINDS = ("classifier", "detector")
 from cells.repository import CONFIG_FILE, model_dir, platform_of, version_dir
 
 
@@ -26,21 +29,34 @@ class ServingParameters:
     queue_timeout_microseconds: int = 30_000_000
     instance_count: int = 1
     onnx_on_gpu: bool = False
+    kind: str = "classifier"  # which contract of cells/contract.py the model serves
+
+
+# The detector takes one field per request (fields of one size can still be batched together).
+DETECTOR_SERVING = ServingParameters(name=DETECTOR_NAME, max_batch_size=8, preferred_batch_sizes=(),
+                                     max_queue_delay_microseconds=0, kind="detector")
+
+
+def _tensors(kind: str) -> tuple[list, list]:
+    if kind == "detector":
+        return ([pb.ModelInput(name=DETECTOR_INPUT, data_type=pb.TYPE_UINT8, dims=[-1, -1, CHANNELS])],
+                [pb.ModelOutput(name=DETECTOR_OUTPUT, data_type=pb.TYPE_FP32, dims=[-1, -1, 2])])
+    return ([pb.ModelInput(name=INPUT_NAME, data_type=pb.TYPE_UINT8, dims=[IMAGE_SIZE, IMAGE_SIZE, CHANNELS])],
+            [pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[len(CLASSES)], label_filename=LABELS_FILE)])
 
 
 def build_config(params: ServingParameters, platform: str) -> pb.ModelConfig:
     """The model's Triton configuration: the serving contract plus batching and placement."""
     gpu = platform == "tensorrt_plan" or params.onnx_on_gpu
+    inputs, outputs = _tensors(params.kind)
     preferred = [size for size in params.preferred_batch_sizes if size <= params.max_batch_size]
     return pb.ModelConfig(
         name=params.name,
         platform=platform,
         max_batch_size=params.max_batch_size,
         version_policy=pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=1)),
-        input=[pb.ModelInput(name=INPUT_NAME, data_type=pb.TYPE_UINT8, dims=[IMAGE_SIZE, IMAGE_SIZE, CHANNELS])],
-        output=[
-            pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[len(CLASSES)], label_filename=LABELS_FILE)
-        ],
+        input=inputs,
+        output=outputs,
         dynamic_batching=pb.ModelDynamicBatching(
             preferred_batch_size=preferred,
             max_queue_delay_microseconds=params.max_queue_delay_microseconds,
@@ -64,5 +80,6 @@ def write_model_config(repository: Path, params: ServingParameters) -> Path:
     config = build_config(params, platform_of(version_dir(repository, params.name)))
     path = model_dir(repository, params.name) / CONFIG_FILE
     path.write_text(text_format.MessageToString(config))
-    write_labels(path.parent)
+    if params.kind == "classifier":
+        write_labels(path.parent)
     return path

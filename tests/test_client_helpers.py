@@ -11,7 +11,7 @@ from tritonclient.utils import InferenceServerException
 from cells.contract import INPUT_SHAPE, MODEL_NAME
 from cells.errors import BadInput
 from deploy.client import (
-    ClientOptions, ContractError, RequestTally, TritonClassifier, _Server, check_contract, is_retryable,
+    ClientOptions, ContractError, RequestTally, TritonModel, _Server, check_contract, is_retryable,
 )
 
 
@@ -67,7 +67,7 @@ def test_options_refuse_bad_settings():
 
 
 def test_round_robin_skips_servers_marked_down_and_falls_back_to_the_soonest_back():
-    classifier = TritonClassifier(ClientOptions(("a:1", "b:1", "c:1")))
+    classifier = TritonModel(ClientOptions(("a:1", "b:1", "c:1")))
     classifier.servers = [_Server(url, client=None) for url in ("a:1", "b:1", "c:1")]
     assert [classifier._next_server().url for _ in range(4)] == ["a:1", "b:1", "c:1", "a:1"]
     now = time.monotonic()
@@ -79,14 +79,14 @@ def test_round_robin_skips_servers_marked_down_and_falls_back_to_the_soonest_bac
 
 
 def test_chunks_never_exceed_the_servers_max_batch():
-    classifier = TritonClassifier(ClientOptions(("a:1",), batch_size=64))
+    classifier = TritonModel(ClientOptions(("a:1",), batch_size=64))
     assert classifier.chunk_size() == 64
     classifier.max_batch_size = 16
     assert classifier.chunk_size() == 16
 
 
 def test_first_up_sends_everything_to_the_first_server_until_it_is_down():
-    classifier = TritonClassifier(ClientOptions(("local:1", "b:1", "c:1"), policy="first-up"))
+    classifier = TritonModel(ClientOptions(("local:1", "b:1", "c:1"), policy="first-up"))
     classifier.servers = [_Server(url, client=None) for url in ("local:1", "b:1", "c:1")]
     assert {classifier._next_server().url for _ in range(5)} == {"local:1"}
     classifier.servers[0].down_until = time.monotonic() + 60
@@ -104,8 +104,8 @@ def test_a_failing_server_is_left_for_another_that_is_up():
         async def infer(self, *_, **__):
             return "answer"
 
-    async def run() -> tuple[TritonClassifier, RequestTally]:
-        classifier = TritonClassifier(ClientOptions(("local:1", "b:1"), policy="first-up", backoff_s=10))
+    async def run() -> tuple[TritonModel, RequestTally]:
+        classifier = TritonModel(ClientOptions(("local:1", "b:1"), policy="first-up", backoff_s=10))
         classifier.servers = [_Server("local:1", Down()), _Server("b:1", Up())]
         classifier._infer = lambda server, chunk: server.client.infer()
         tally = RequestTally()

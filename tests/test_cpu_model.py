@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from cells.contract import MODEL_NAME
-from cells.runtime import OnnxClassifier
+from cells.runtime import OnnxModel
 from export.cpu_model import gate_cells, int8_model, upcast_to_fp32
 from export.pipeline import ExportError, quantize_repository
 from tests.conftest import CELLS, run_cli
@@ -44,7 +44,7 @@ def test_upcast_keeps_every_weight_and_the_answers(fp32, cells):
     initializers = onnx.load(str(fp32)).graph.initializer
     assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in initializers)
     _, validation = cells
-    half, full = OnnxClassifier(FP16)(validation.images), OnnxClassifier(fp32)(validation.images)
+    half, full = OnnxModel(FP16)(validation.images), OnnxModel(fp32)(validation.images)
     assert np.max(np.abs(half - full)) < 1e-2 and (half.argmax(1) == full.argmax(1)).all()
 
 

@@ -88,15 +88,15 @@ def test_export_without_tensorrt_keeps_onnx_and_names_trtexec(exported):
 def test_round_trip_onnx_runtime_equals_keras(exported, cells_dir):
     import keras
 
-    from cells.runtime import OnnxClassifier
+    from cells.runtime import OnnxModel
     from train.data import list_samples, load_cells
 
     repository, model_file, _ = exported
     cells = load_cells(list_samples(cells_dir))
     expected = np.asarray(keras.models.load_model(model_file)(cells.images, training=False))
-    fp32 = OnnxClassifier(model_file.parent / "export" / "model.fp32.onnx")(cells.images)
+    fp32 = OnnxModel(model_file.parent / "export" / "model.fp32.onnx")(cells.images)
     assert np.max(np.abs(fp32 - expected)) <= 1e-4
-    served = OnnxClassifier(repository / MODEL_NAME / "1" / "model.onnx")(cells.images)
+    served = OnnxModel(repository / MODEL_NAME / "1" / "model.onnx")(cells.images)
     assert np.max(np.abs(served - expected)) <= 1e-2
     assert (served.argmax(1) == expected.argmax(1)).mean() >= 0.995
     report = json.loads((repository / MODEL_NAME / "export_report.json").read_text())

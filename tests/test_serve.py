@@ -14,12 +14,12 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from cells.contract import MODEL_NAME
-from cells.runtime import OnnxClassifier
+from cells.runtime import OnnxModel
 from deploy.client import (
     ClientOptions,
     ContractError,
     InferenceRejected,
-    TritonClassifier,
+    TritonModel,
     check_contract,
     classify,
 )
@@ -37,7 +37,7 @@ def crops(cells_dir):
 
 @pytest.fixture(scope="module")
 def expected(repository, crops):
-    return OnnxClassifier(repository / MODEL_NAME / "1" / "model.onnx")(crops)
+    return OnnxModel(repository / MODEL_NAME / "1" / "model.onnx")(crops)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -73,7 +73,7 @@ def test_sync_clients_health_metadata_config_and_metrics(server, crops, expected
 def test_concurrent_single_requests_are_batched_by_the_server(server, crops, expected):
     async def run():
         options = ClientOptions((server.grpc_url,), batch_size=1, max_in_flight=48)
-        async with TritonClassifier(options) as classifier:
+        async with TritonModel(options) as classifier:
             return await classifier.classify(np.concatenate([crops, crops]))
 
     probabilities = asyncio.run(run())
@@ -111,7 +111,7 @@ def test_invalid_requests_get_clear_errors_and_the_server_keeps_serving(server, 
 
 def test_client_splits_oversize_batches_and_never_retries_rejections(server, crops, expected):
     async def run():
-        async with TritonClassifier(ClientOptions((server.grpc_url,), batch_size=1000)) as classifier:
+        async with TritonModel(ClientOptions((server.grpc_url,), batch_size=1000)) as classifier:
             assert classifier.max_batch_size == 256 and classifier.chunk_size() == 256
             many = np.concatenate([crops] * 6)  # 288 crops: two requests
             probabilities = await classifier.classify(many)
@@ -150,7 +150,7 @@ def test_client_fails_over_from_a_killed_server(server, repository, crops, expec
 
         async def run():
             options = ClientOptions((doomed.grpc_url, server.grpc_url), batch_size=4, max_in_flight=2, backoff_s=0.05)
-            async with TritonClassifier(options) as classifier:
+            async with TritonModel(options) as classifier:
                 task = asyncio.create_task(classifier.classify(many))
                 await asyncio.sleep(0.3)
                 await asyncio.get_running_loop().run_in_executor(None, doomed.kill)
@@ -298,7 +298,7 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
 
         async def one_client(index: int) -> tuple[np.ndarray, int]:
             options = ClientOptions((running.grpc_url,), batch_size=16, max_in_flight=1, backoff_s=0.05, retries=10)
-            async with TritonClassifier(options) as classifier:
+            async with TritonModel(options) as classifier:
                 return await classifier.classify(crops[index % 8 : index % 8 + 16]), classifier.retries_done
 
         async def burst():

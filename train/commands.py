@@ -222,7 +222,39 @@ def _register_data(looks: argparse._SubParsersAction) -> None:
     add_command(looks, "stain-reference", "median per-patient cell colour (CIELAB), for cells/stain.py", stain_reference)
 
 
+def _train_detector(args: argparse.Namespace) -> int:
+    from train.detector import DetectorConfig, run
+
+    report = run(DetectorConfig(
+        fields=args.fields, annotations=args.annotations, out=args.out, folds=args.folds, fold=args.fold,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, crop=args.crop,
+        width=args.width, learning_rate=args.learning_rate, seed=args.seed,
+    ))
+    print(json.dumps({k: v for k, v in report.items() if k != "folds"}, indent=2))
+    return 0
+
+
+def _configure_train_detector(parser: argparse.ArgumentParser) -> None:
+    from train.detector import DetectorConfig as defaults
+
+    parser.add_argument("--fields", type=Path, required=True, help="folder of field images (IML layout)")
+    parser.add_argument("--annotations", type=Path, required=True, help="IML annotations.json with per-cell boxes")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: fold<k>/ or all/, report.json (reused: resumes)")
+    parser.add_argument("--folds", type=int, default=defaults.folds, help="k of k-fold cross-validation by field; 0: train on every field")
+    parser.add_argument("--fold", type=int, default=defaults.fold, help="only this fold (-1: all in turn)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per model")
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch, help="batches per epoch")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per batch")
+    parser.add_argument("--crop", type=int, default=defaults.crop, help="crop side, px at 1/4 resolution")
+    parser.add_argument("--width", type=int, default=defaults.width, help="channels of the U-Net's first level")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam, cosine decay to 0")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="folds and augmentation")
+    parser.set_defaults(handler=_train_detector)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
+    add_command(commands, "train-detector", "the learned red-cell detector: k-fold CV by field, or the release model",
+                _configure_train_detector)
     add_command(commands, "train", "train the ResNet50V2 cell classifier", _configure_train)
     add_command(commands, "evaluate", "metrics and confusion plot of a .keras or .onnx model", _configure_evaluate)
     add_command(commands, "soup", "average the weights of fine-tunes of one checkpoint into one model", _configure_soup)

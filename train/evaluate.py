@@ -9,7 +9,7 @@ import numpy as np
 
 from cells.contract import CLASSES
 from cells.errors import BadInput, MissingInput
-from cells.runtime import OnnxClassifier, predict_in_batches
+from cells.runtime import OnnxModel, predict_in_batches
 from train.data import CellSet, list_samples, load_cells
 from train.metrics import classification_metrics
 from train.plots import plot_confusion
@@ -29,7 +29,7 @@ def load_predictor(path: Path) -> Predictor:
     if not path.is_file():
         raise MissingInput(f"model not found: {path}")
     if path.suffix == ".onnx":
-        return OnnxClassifier(path)
+        return OnnxModel(path)
     if path.suffix in (".keras", ".h5"):
         import keras
 

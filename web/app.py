@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -23,8 +24,8 @@ from batch.field import AnalysedField, analyse_field
 from batch.overlay import COLOURS, LINE_WIDTHS
 from batch.results import CELL_COLUMNS, SLIDE_COLUMNS
 from batch.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
-from cells.contract import CLASSES, IMAGE_SUFFIXES
-from deploy.client import ClientOptions, InferenceRejected, ServersUnavailable, TritonClassifier
+from cells.contract import CLASSES, DETECTOR_NAME, IMAGE_SUFFIXES
+from deploy.client import DETECTOR, ClientOptions, InferenceRejected, ServersUnavailable, TritonModel
 from web.options import MIB, WebOptions
 
 STATIC = Path(__file__).parent / "static"
@@ -124,9 +125,15 @@ def create_app(options: WebOptions) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        state["classifier"] = await TritonClassifier(client_options).connect()
+        state["classifier"] = await TritonModel(client_options).connect()
+        state["detector"] = None
+        if options.settings.finder == "learned":
+            detector_options = replace(client_options, model=DETECTOR_NAME, batch_size=1)
+            state["detector"] = await TritonModel(detector_options, contract=DETECTOR).connect()
         yield
-        await state["classifier"].close()
+        for model in (state["classifier"], state["detector"]):
+            if model is not None:
+                await model.close()
 
     app = FastAPI(title="smearscope", summary="Malaria thin-smear fields: every red cell found and classified",
                   lifespan=lifespan)
@@ -139,7 +146,7 @@ def create_app(options: WebOptions) -> FastAPI:
     @app.get("/api/health")
     async def health() -> JSONResponse:
         """Whether the app and its Triton answer, and how many fields are being analysed or waiting."""
-        classifier: TritonClassifier = state["classifier"]
+        classifier: TritonModel = state["classifier"]
         try:
             ready = await asyncio.wait_for(classifier.servers[0].client.is_model_ready(client_options.model), 2.0)
         except Exception:  # noqa: BLE001 - any failure to answer is "not ready"
@@ -151,13 +158,14 @@ def create_app(options: WebOptions) -> FastAPI:
     @app.get("/api/info")
     async def info() -> dict:
         """What the page needs to draw and export results: classes, colours, columns, limits, the model."""
-        classifier: TritonClassifier = state["classifier"]
+        classifier: TritonModel = state["classifier"]
         return {
             "model": client_options.model, "model_version": classifier.model_version, "classes": list(CLASSES),
             "colours": {label: "#%02x%02x%02x" % colour for label, colour in COLOURS.items()},
             "line_widths": LINE_WIDTHS, "cell_columns": list(CELL_COLUMNS), "slide_columns": list(SLIDE_COLUMNS),
             "max_upload_bytes": options.max_upload_bytes, "max_pixels": options.settings.max_pixels,
             "cell_image_max_side": CELL_IMAGE_MAX_SIDE, "image_suffixes": sorted(IMAGE_SUFFIXES),
+            "finder": options.settings.finder,
             "disclaimer": DISCLAIMER,
         }
 
@@ -176,7 +184,7 @@ def create_app(options: WebOptions) -> FastAPI:
         try:
             async with queue.slot():
                 analysed = await analyse_field(data, state["classifier"], options.settings, name, "upload",
-                                               keep_image=image)
+                                               keep_image=image, detector=state["detector"])
         except ServersUnavailable as error:
             raise HTTPException(503, f"classifier unavailable: {error}") from error
         except InferenceRejected as error:

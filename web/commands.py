@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from batch.field import FieldSettings
+from batch.commands import add_field_flags, field_settings
 from cells.cli import add_command
-from cells.contract import MODEL_NAME
 from cells.repository import DEFAULT_REPOSITORY
 from web.options import MIB, WebOptions
 
@@ -22,12 +21,12 @@ def _web(args: argparse.Namespace) -> int:
     server = None
     urls = tuple(args.triton_url or ())
     if not urls:
-        server = EmbeddedServer(args.repository, name=MODEL_NAME, threads=args.server_threads).start()
+        server = EmbeddedServer(args.repository, threads=args.server_threads).start()
         urls = (server.grpc_url if args.protocol == "grpc" else server.http_url,)
-        print(f"embedded Triton on {urls[0]} (model {MODEL_NAME} from {args.repository})", flush=True)
+        print(f"embedded Triton on {urls[0]} (models of {args.repository})", flush=True)
     options = WebOptions(
         triton_urls=urls, protocol=args.protocol,
-        settings=FieldSettings(args.max_pixels, args.keep_border_cells, args.stain_normalise),
+        settings=field_settings(args),
         max_upload_bytes=int(args.max_upload_mib * MIB), workers=args.workers, max_queued=args.max_queued,
     )
     try:
@@ -47,12 +46,9 @@ def configure_web(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository for the embedded Triton")
     parser.add_argument("--server-threads", type=int, default=0, help="ONNX Runtime threads of the embedded Triton (0: one per core)")
     parser.add_argument("--max-upload-mib", type=float, default=DEFAULTS.max_upload_bytes / MIB, help="larger uploads are refused (413)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULTS.settings.max_pixels, help="larger images are refused (413)")
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers, help="fields analysed at once; others wait their turn")
     parser.add_argument("--max-queued", type=int, default=DEFAULTS.max_queued, help="fields waiting beyond which requests get 503")
-    parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
-    parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=DEFAULTS.settings.stain_normalise,
-                        help="recolour each field's cells to the training data's stain (cells/stain.py)")
+    add_field_flags(parser, DEFAULTS.settings)
     parser.set_defaults(handler=_web)
 
 
