@@ -109,7 +109,7 @@ def _configure_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder of field images")
     parser.add_argument("--annotations", type=Path, required=True, help="IML annotations.json")
     parser.add_argument("--margin", type=int, default=BORDER_MARGIN, help="boxes this close to the edge are don't-care, px")
-    parser.add_argument("--finder", choices=FINDERS, default="classical", help="which finder to score")
+    parser.add_argument("--finder", choices=FINDERS, default=FieldSettings().finder, help="which finder to score")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="where the learned detector is")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for the learned detector (0: one per core)")
     parser.set_defaults(handler=_evaluate_detection)

@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from batch.results import SlideResult, classified, failed
 from batch.slides import DEFAULT_MAX_PIXELS, SlideError, decode_field, find_classical, is_cell_image, slide_cells
-from cells.contract import DETECTOR_CELL_DIAMETER
+from cells.contract import DETECTOR_CELL_DIAMETER, DETECTOR_NAME
 from cells.errors import BadInput
-from deploy.client import RequestTally, TritonModel
+from deploy.client import ClientOptions, RequestTally, TritonModel
 
 FINDERS = ("classical", "learned")
 
@@ -28,7 +28,7 @@ class FieldSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_border_cells: bool = False
     stain_normalise: bool = True
-    finder: str = "classical"  # or "learned": the detector served by Triton (cells/detect.py)
+    finder: str = "learned"  # the detector served by Triton (cells/detect.py), or "classical" (cells/find.py)
     cell_diameter: float = DETECTOR_CELL_DIAMETER  # a typical red cell, px: fields at other magnifications
 
     def __post_init__(self) -> None:
@@ -36,6 +36,22 @@ class FieldSettings:
             raise BadInput(f"finder must be one of {', '.join(FINDERS)}, not {self.finder!r}")
         if not 10 <= self.cell_diameter <= 1000:
             raise BadInput(f"cell diameter must be 10-1000 px, not {self.cell_diameter}")
+
+
+async def settings_served(settings: FieldSettings, options: ClientOptions) -> tuple[FieldSettings, str]:
+    """The settings to use with these servers: the learned finder needs the detector served beside
+    the classifier; without it, the classical finder, and the reason (to be reported)."""
+    from deploy.client import DETECTOR, unavailable
+
+    if settings.finder != "learned":
+        return settings, ""
+    reason = await unavailable(detector_options(options), DETECTOR)
+    return (replace(settings, finder="classical"), reason) if reason else (settings, "")
+
+
+def detector_options(options: ClientOptions) -> ClientOptions:
+    """The classifier's client options, for the detector: its model name, one field a request."""
+    return replace(options, model=DETECTOR_NAME, batch_size=1)
 
 
 @dataclass

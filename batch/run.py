@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (ray job submit ... python batch/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batch.field import FieldSettings  # noqa: E402
+from batch.field import FieldSettings, settings_served  # noqa: E402
 from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
 from batch.results import atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
@@ -125,10 +125,11 @@ class Placement:
         }
 
 
-async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Placement, str]:
+async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Placement, str, FieldSettings]:
     """Send slides to Ray tasks with bounded concurrency; write each finished slide at once.
 
-    Returns the progress, where the work went, and the model version the servers reported.
+    Returns the progress, where the work went, the model version the servers reported, and the
+    settings used (the classical finder where no detector was served).
     """
     import ray
     from ray.exceptions import RayError, RayTaskError
@@ -138,7 +139,9 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
     client_options = ClientOptions(tuple(urls), protocol=options.protocol, model=options.model,
                                    batch_size=options.batch_size, max_in_flight=options.max_in_flight,
                                    policy=options.triton_policy)
-    settings = options.settings
+    settings, fallback = await settings_served(options.settings, client_options)
+    if fallback:
+        print(f"warning: no detector served ({fallback}): finding cells with the classical finder", flush=True)
     analyse = remote_analyse_slide(options.worker_cpus)
     options_ref, settings_ref = ray.put(client_options), ray.put(settings)
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
@@ -188,7 +191,7 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
     await asyncio.gather(*tasks)
     progress.close()
     progress.skipped = skipped
-    return progress, placement, ",".join(sorted(model_versions))
+    return progress, placement, ",".join(sorted(model_versions)), settings
 
 
 def _start_ray(address: str | None) -> None:
@@ -235,7 +238,7 @@ def run(options: BatchOptions) -> int:
     try:
         _start_ray(options.ray_address)
         startup = time.monotonic() - started  # Triton and Ray ready: what every run pays before its first slide
-        progress, placement, model_version = asyncio.run(process(options, urls))
+        progress, placement, model_version, settings = asyncio.run(process(options, urls))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -253,7 +256,7 @@ def run(options: BatchOptions) -> int:
         "triton_urls": urls,
         "protocol": options.protocol,
         "embedded_triton": server is not None,
-        **{name: getattr(options.settings, name) for name in ("stain_normalise", "finder", "cell_diameter")},
+        **{name: getattr(settings, name) for name in ("stain_normalise", "finder", "cell_diameter")},
         "slides": slides,
         "slides_ok": ok,
         "slides_error": slides - ok,

@@ -13,10 +13,9 @@ import asyncio
 import threading
 from dataclasses import dataclass, field, replace
 
-from batch.field import FieldSettings
+from batch.field import FieldSettings, detector_options
 from batch.inputs import Slide, TooLarge, read_file
 from batch.results import SlideResult, failed
-from cells.contract import DETECTOR_NAME
 from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
 
 WORKER_RETRIES = 2  # a slide whose worker dies this many times more becomes an error row
@@ -81,7 +80,7 @@ async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings
         classifier = await _connected(options, CLASSIFIER)
         detector = None
         if settings.finder == "learned":
-            detector = await _connected(replace(options, model=DETECTOR_NAME, batch_size=1), DETECTOR)
+            detector = await _connected(detector_options(options), DETECTOR)
         analysed = await analyse_field(data, classifier, settings, slide.slide_id, slide.source,
                                        keep_image=overlays, tally=outcome.tally, detector=detector)
     except (InferenceRejected, ServersUnavailable) as error:

@@ -292,6 +292,16 @@ class TritonModel:
         return result.as_numpy(self.contract.output_name)
 
 
+async def unavailable(options: ClientOptions, contract: Contract) -> str:
+    """Why no server serves `options.model` under `contract` ('' if one does)."""
+    try:
+        model = await TritonModel(options, contract=contract).connect()
+    except (ContractError, ServersUnavailable) as error:
+        return str(error)
+    await model.close()
+    return ""
+
+
 def classify(options: ClientOptions, images: np.ndarray) -> np.ndarray:
     """Synchronous convenience: connect, classify, close."""
 

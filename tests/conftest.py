@@ -54,8 +54,16 @@ def exported(tmp_path_factory, keras_model_file):
 
 @pytest.fixture(scope="session")
 def repository(exported) -> Path:
+    """The exported classifier, with the released detector beside it as in every served repository."""
+    import shutil
+
+    from cells.contract import DETECTOR_NAME
+    from cells.repository import DEFAULT_REPOSITORY
+
     repository, _, result = exported
     assert (repository / "malaria_resnet50v2" / "1" / "model.onnx").is_file(), result.stderr[-2000:]
+    if not (repository / DETECTOR_NAME).exists():
+        shutil.copytree(DEFAULT_REPOSITORY / DETECTOR_NAME, repository / DETECTOR_NAME)
     return repository
 
 

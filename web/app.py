@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -20,11 +19,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from batch.field import AnalysedField, analyse_field
+from batch.field import AnalysedField, analyse_field, detector_options, settings_served
 from batch.overlay import COLOURS, LINE_WIDTHS
 from batch.results import CELL_COLUMNS, SLIDE_COLUMNS
 from batch.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
-from cells.contract import CLASSES, DETECTOR_NAME, IMAGE_SUFFIXES
+from cells.contract import CLASSES, IMAGE_SUFFIXES
 from deploy.client import DETECTOR, ClientOptions, InferenceRejected, ServersUnavailable, TritonModel
 from web.options import MIB, WebOptions
 
@@ -126,10 +125,12 @@ def create_app(options: WebOptions) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         state["classifier"] = await TritonModel(client_options).connect()
+        state["settings"], fallback = await settings_served(options.settings, client_options)
+        if fallback:
+            print(f"warning: no detector served ({fallback}): finding cells with the classical finder", flush=True)
         state["detector"] = None
-        if options.settings.finder == "learned":
-            detector_options = replace(client_options, model=DETECTOR_NAME, batch_size=1)
-            state["detector"] = await TritonModel(detector_options, contract=DETECTOR).connect()
+        if state["settings"].finder == "learned":
+            state["detector"] = await TritonModel(detector_options(client_options), contract=DETECTOR).connect()
         yield
         for model in (state["classifier"], state["detector"]):
             if model is not None:
@@ -165,7 +166,7 @@ def create_app(options: WebOptions) -> FastAPI:
             "line_widths": LINE_WIDTHS, "cell_columns": list(CELL_COLUMNS), "slide_columns": list(SLIDE_COLUMNS),
             "max_upload_bytes": options.max_upload_bytes, "max_pixels": options.settings.max_pixels,
             "cell_image_max_side": CELL_IMAGE_MAX_SIDE, "image_suffixes": sorted(IMAGE_SUFFIXES),
-            "finder": options.settings.finder,
+            "finder": state["settings"].finder,
             "disclaimer": DISCLAIMER,
         }
 
@@ -183,7 +184,7 @@ def create_app(options: WebOptions) -> FastAPI:
         name = Path(file.filename or "upload").name[:200]
         try:
             async with queue.slot():
-                analysed = await analyse_field(data, state["classifier"], options.settings, name, "upload",
+                analysed = await analyse_field(data, state["classifier"], state["settings"], name, "upload",
                                                keep_image=image, detector=state["detector"])
         except ServersUnavailable as error:
             raise HTTPException(503, f"classifier unavailable: {error}") from error
