@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deploy.embedded import ACCESS_TOKEN_ENV, ServeError
+from deploy.embedded import ACCESS_TOKEN_ENV, ServeError, ServeOptions, model_names
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,12 +79,16 @@ class EmbeddedServer:
         raise ServeError(f"server not ready after {self.startup_timeout:.0f}s: {self._last_line()}")
 
     def ready(self) -> bool:
-        url = f"http://{self.http_url}/v2/health/ready"  # every model loaded
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        """Every model it serves answers ready (the server's own readiness comes before PyTriton loads them)."""
+        names = self.names or model_names(ServeOptions(self.repository))
+        for name in names:
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{name}/ready", timeout=2) as response:
+                    if response.status != 200:
+                        return False
+            except OSError:
+                return False
+        return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait (Triton unloads the model, frees shared memory); SIGKILL the group if stuck."""
