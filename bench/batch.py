@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batch.field import FieldSettings
 from cells.contract import IMAGE_SUFFIXES, MODEL_NAME, REQUEST_BATCH_SIZE
 
 # The issue's targets, as ratios measured in this run.
@@ -37,6 +38,7 @@ class BenchOptions:
     batch_size: int = REQUEST_BATCH_SIZE
     tutorial_images: int = 48
     name: str = MODEL_NAME
+    finder: str = FieldSettings().finder  # the job's, and the one whose cost the "find" stage measures
 
 
 def cpu_model_name() -> str:
@@ -56,11 +58,15 @@ def field_paths(fields: Path, max_fields: int) -> list[Path]:
     return paths
 
 
-def _stage_costs(paths: list[Path], crops_file: Path) -> dict:
-    """Run each stage of the job's per-field work on every field; core-ms per cell of each."""
-    from batch.slides import decode
-    from cells.find import cell_crops, find_cells
+def _stage_costs(paths: list[Path], crops_file: Path, finder: str, repository: Path, threads: int) -> dict:
+    """Run each stage of the job's per-field work on every field; core-ms per cell of each. The
+    learned finder's model runs in-process (ONNX Runtime) here, in Triton in the job."""
+    from batch.slides import decode, find_classical
+    from cells.detect import onnx_finder
+    from cells.find import cell_crops
     from cells.stain import normalise_stain
+
+    find = onnx_finder(repository, threads, keep_border=False) if finder == "learned" else find_classical
 
     spent = dict.fromkeys(("decode", "find", "crop", "stain"), 0.0)
     all_crops = []
@@ -73,7 +79,7 @@ def _stage_costs(paths: list[Path], crops_file: Path) -> dict:
 
     for path in paths:
         image = timed("decode", decode, path.read_bytes())
-        found = timed("find", find_cells, image)
+        found = timed("find", find, image)
         crops = timed("crop", cell_crops, image, found)
         all_crops.append(timed("stain", normalise_stain, crops))
     crops = np.concatenate(all_crops)
@@ -168,7 +174,8 @@ def _tree(pid: int, processes: dict) -> set[int]:
 def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its processes."""
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
-               "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size)]
+               "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size),
+               "--finder", options.finder]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
     cpu: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU seconds at its last sample)
@@ -216,7 +223,7 @@ def bench_batch(options: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="smearscope-bench-") as scratch:
         scratch = Path(scratch)
         crops_file = scratch / "crops.npy"
-        stages = in_child(_stage_costs, paths, crops_file)
+        stages = in_child(_stage_costs, paths, crops_file, options.finder, options.repository, options.threads)
         print(f"{len(paths)} fields, {stages['cells']} cells; per cell (core-ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in stages["core_ms_per_cell"].items()), flush=True)
         fp32_model = upcast_to_fp32(engine_source(options.repository, options.name), scratch / "model.fp32.onnx")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from batch.field import FINDERS
 from cells.cli import add_command, add_group
 from cells.repository import DEFAULT_REPOSITORY
 
@@ -35,7 +36,8 @@ def _bench_batch(args: argparse.Namespace) -> int:
     from bench.batch import BenchOptions, bench_batch
 
     bench_batch(BenchOptions(fields=args.fields, repository=args.repository, out=args.out, max_fields=args.max_fields,
-                             threads=args.threads, batch_size=args.batch_size, tutorial_images=args.tutorial_images))
+                             threads=args.threads, batch_size=args.batch_size, tutorial_images=args.tutorial_images,
+                             finder=args.finder))
     return 0
 
 
@@ -51,6 +53,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference call and request")
     parser.add_argument("--tutorial-images", type=int, default=defaults.tutorial_images,
                         help="images timed through the tutorial's one-image loop (it is slow)")
+    parser.add_argument("--finder", choices=FINDERS, default=defaults.finder, help="how the job finds cells")
     parser.set_defaults(handler=_bench_batch)
 
 
