@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from batch.field import FINDERS, FieldSettings
+from batch.grouping import GROUPS, Grouping, grouping
 from batch.run import BatchOptions
 from cells.cli import add_command
 from cells.repository import DEFAULT_REPOSITORY
@@ -33,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
         worker_cpus=args.worker_cpus,
         triton_policy=args.triton_policy,
         settings=field_settings(args),
+        grouping=grouping(args.group, args.manifest, args.pattern),
+        min_cells=args.min_cells,
     ))
 
 
@@ -74,6 +77,12 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes", type=int, default=defaults.max_bytes,
                         help="larger files and archive members are refused without being read")
     add_field_flags(parser, FieldSettings())
+    parser.add_argument("--group", choices=GROUPS, default=Grouping().mode,
+                        help="which fields make a slide: each file, each folder, a --manifest, or a --pattern of the name")
+    parser.add_argument("--manifest", type=Path, help="CSV with columns image,slide (for --group manifest)")
+    parser.add_argument("--pattern", help="regular expression whose group 'slide' (or first group) names the slide (--group pattern)")
+    parser.add_argument("--min-cells", type=int, default=defaults.min_cells,
+                        help="a slide's parasitemia counts as enough from this many red cells (WHO: 500-2,000)")
     parser.add_argument("--overlays", action="store_true", help="write overlays/<slide>-<key>.png, boxes coloured by class")
     parser.add_argument("--overwrite", action="store_true", help="redo slides already finished in --output")
     parser.set_defaults(handler=_run)

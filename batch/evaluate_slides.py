@@ -39,21 +39,21 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
     if not cells_table.is_file():
         raise MissingInput(f"no cells.parquet in {results} (run the batch job first)")
     annotations = load_annotations(annotations_path)
-    slides = [s for s in pq.read_table(results / "slides.parquet").to_pylist() if s["status"] == "ok"]
+    slides = [s for s in pq.read_table(results / "fields.parquet").to_pylist() if s["status"] == "ok"]
     cells_by_slide: dict[str, list[dict]] = {}
     for row in pq.read_table(cells_table).to_pylist():
-        cells_by_slide.setdefault(row["slide"], []).append(row)
+        cells_by_slide.setdefault(row["field"], []).append(row)
 
     total = Match(0, 0, 0)
     errors: Counter[str] = Counter()
     calls: Counter[tuple[str, str]] = Counter()  # (annotated kind, predicted label)
     per_slide = []
     for slide in slides:
-        name = slide_name(slide["slide"])
+        name = slide_name(slide["field"])
         if name not in annotations:
             continue
         width, height = slide["width"], slide["height"]
-        rows = cells_by_slide.get(slide["slide"], [])
+        rows = cells_by_slide.get(slide["field"], [])
         boxes = [_box(r) for r in rows]
         match = score_field(boxes, annotations[name], width, height, margin)
         errors += explain_errors(boxes, annotations[name], match, width, height, margin)

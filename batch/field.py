@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from batch.results import SlideResult, classified, failed
+from batch.results import FieldResult, classified, failed
 from batch.slides import DEFAULT_MAX_PIXELS, SlideError, decode_field, find_classical, is_cell_image, slide_cells
 from cells.contract import DETECTOR_CELL_DIAMETER, DETECTOR_NAME
 from cells.errors import BadInput
@@ -59,7 +59,7 @@ class AnalysedField:
     """The field's result row and cells, the decoded RGB image when it was asked for, and the
     reason when the field could not be read (its kind tells the page which HTTP status to answer)."""
 
-    result: SlideResult
+    result: FieldResult
     image: np.ndarray | None = None
     error: SlideError | None = None
 

@@ -1,30 +1,43 @@
-"""Results on disk: one atomic file per finished slide, combined into the run's tables at the end.
+"""Results on disk: one atomic file per finished field, combined into the run's tables at the end.
 
-A slide's part file appears only once its cells are classified, so an interrupted run resumes by
-skipping slides with a part and redoing the rest: no duplicates, nothing lost.
+A field's part file appears only once its cells are classified, so an interrupted run resumes by
+skipping fields with a part and redoing the rest: no duplicates, nothing lost, and a slide with
+one bad field keeps the others. Fields are grouped into slides only when the tables are written
+(`batch.grouping`), so a rerun with another `--group` regroups without reprocessing.
+
+    cells.parquet            one row per cell: slide, field, box, area, p_parasitized, label
+    fields.parquet, .csv     one row per field (image): slide, field, size, counts, status, error, overlay
+    slides.parquet, .csv     one row per slide: fields, cells, parasitized, parasitemia with its 95 % interval
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
 
+from batch.inputs import slide_name
 from cells.contract import CLASSES, PARASITIZED
+from cells.stats import wilson_interval
 
 PARTS = "parts"
-# The columns of cells.parquet, in order; slides.parquet and slides.csv have SlideResult.row()'s.
-CELL_COLUMNS = ("slide", "cell_id", "x", "y", "w", "h", "area", "p_parasitized", "label")
+# The columns of cells.parquet, in order.
+CELL_COLUMNS = ("slide", "field", "cell_id", "x", "y", "w", "h", "area", "p_parasitized", "label")
+# WHO's thin-film count is of parasitized cells among 500-2,000 red cells; the default asks for 2,000.
+MIN_CELLS = 2000
 
 
 @dataclass
-class SlideResult:
-    slide: str
+class FieldResult:
+    """One field (image) as the worker finished it; `field` is its id (a path, or archive!member)."""
+
+    field: str
     source: str
     status: str  # "ok" or "error"
     error: str = ""
@@ -35,38 +48,61 @@ class SlideResult:
     parasitemia_pct: float = 0.0
     seconds: float = 0.0
     overlay: str = ""  # the overlay PNG, relative to the output folder, when one was drawn
-    cell_rows: list[dict] = field(default_factory=list)
+    cell_rows: list[dict] = dataclass_field(default_factory=list)
 
     def row(self) -> dict:
         row = asdict(self)
         del row["cell_rows"]
         return row
 
+    def table_rows(self, slide: str) -> tuple[dict, list[dict]]:
+        """This field's row of fields.parquet and its rows of cells.parquet, as part of `slide`."""
+        return {"slide": slide, **self.row()}, [{"slide": slide, **cell} for cell in self.cell_rows]
 
-SLIDE_COLUMNS = tuple(f.name for f in fields(SlideResult) if f.name != "cell_rows")
+
+FIELD_COLUMNS = ("slide", *(f.name for f in fields(FieldResult) if f.name != "cell_rows"))
+SLIDE_COLUMNS = ("slide", "status", "fields", "fields_ok", "fields_error", "cells", "parasitized", "parasitemia_pct",
+                 "ci_low_pct", "ci_high_pct", "enough_cells", "errors")
 
 
-def classified(slide: str, source: str, boxes: np.ndarray, areas: np.ndarray, probabilities: np.ndarray,
-               width: int, height: int, seconds: float) -> SlideResult:
-    """A finished slide: each cell labelled by the larger probability, parasitemia = share Parasitized."""
+def classified(field_id: str, source: str, boxes: np.ndarray, areas: np.ndarray, probabilities: np.ndarray,
+               width: int, height: int, seconds: float) -> FieldResult:
+    """A finished field: each cell labelled by the larger probability, parasitemia = share Parasitized."""
     labels = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, int)
     rows = [
         {
-            "slide": slide, "cell_id": i, "x": int(x), "y": int(y), "w": int(w), "h": int(h), "area": int(area),
+            "field": field_id, "cell_id": i, "x": int(x), "y": int(y), "w": int(w), "h": int(h), "area": int(area),
             "p_parasitized": float(p[PARASITIZED]), "label": CLASSES[int(label)],
         }
         for i, ((x, y, w, h), area, p, label) in enumerate(zip(boxes, areas, probabilities, labels))
     ]
     parasitized = int(np.sum(labels == PARASITIZED))
-    return SlideResult(
-        slide=slide, source=source, status="ok", width=width, height=height, cells=len(rows),
+    return FieldResult(
+        field=field_id, source=source, status="ok", width=width, height=height, cells=len(rows),
         parasitized=parasitized, parasitemia_pct=100.0 * parasitized / len(rows) if rows else 0.0,
         seconds=round(seconds, 3), cell_rows=rows,
     )
 
 
-def failed(slide: str, source: str, reason: str) -> SlideResult:
-    return SlideResult(slide=slide, source=source, status="error", error=reason)
+def failed(field_id: str, source: str, reason: str) -> FieldResult:
+    return FieldResult(field=field_id, source=source, status="error", error=reason)
+
+
+def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS) -> dict:
+    """A slide's counts over its fields that could be read, parasitemia with its Wilson 95 % interval,
+    and whether enough cells were counted; the fields that could not be read are named in `errors`."""
+    ok = [r for r in results if r.status == "ok"]
+    cells = sum(r.cells for r in ok)
+    parasitized = sum(r.parasitized for r in ok)
+    low, high = wilson_interval(parasitized, cells)
+    errors = [f"{slide_name(r.field)}: {r.error}" for r in results if r.status != "ok"]
+    return {
+        "slide": slide, "status": "ok" if ok else "error", "fields": len(results), "fields_ok": len(ok),
+        "fields_error": len(results) - len(ok), "cells": cells, "parasitized": parasitized,
+        "parasitemia_pct": 100.0 * parasitized / cells if cells else 0.0,
+        "ci_low_pct": round(100 * low, 4), "ci_high_pct": round(100 * high, 4), "enough_cells": cells >= min_cells,
+        "errors": "; ".join(errors)[:2000],
+    }
 
 
 @contextmanager
@@ -87,7 +123,7 @@ def atomic_write(path: Path, text: str | bytes) -> None:
         temporary.write_bytes(text.encode() if isinstance(text, str) else text)
 
 
-def write_part(output: Path, key: str, result: SlideResult) -> None:
+def write_part(output: Path, key: str, result: FieldResult) -> None:
     atomic_write(output / PARTS / f"{key}.json", json.dumps(asdict(result)))
 
 
@@ -95,24 +131,43 @@ def finished_keys(output: Path) -> set[str]:
     return {p.stem for p in (output / PARTS).glob("*.json")}
 
 
-def read_parts(output: Path) -> list[SlideResult]:
-    return [SlideResult(**json.loads(p.read_text())) for p in sorted((output / PARTS).glob("*.json"))]
+def read_parts(output: Path) -> list[FieldResult]:
+    return [FieldResult(**json.loads(p.read_text())) for p in sorted((output / PARTS).glob("*.json"))]
 
 
-def write_tables(output: Path, results: list[SlideResult]) -> tuple[int, int]:
-    """cells.parquet, slides.parquet and slides.csv from every part; returns (slides, cells)."""
+@dataclass(frozen=True)
+class Tables:
+    slides: list[dict]
+    fields: list[dict]
+    cells: int
+
+
+def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[str], str] = str,
+                 min_cells: int = MIN_CELLS) -> Tables:
+    """cells.parquet, fields.parquet/.csv and slides.parquet/.csv from every part, each field in the
+    slide `slide_of(field id)` names (default: its own)."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    results = sorted(results, key=lambda r: r.slide)
-    cell_rows = [row for result in results for row in result.cell_rows]
-    types = {"slide": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
+    by_slide: dict[str, list[FieldResult]] = {}
+    for result in sorted(results, key=lambda r: r.field):
+        by_slide.setdefault(slide_of(result.field), []).append(result)
+    field_rows, cell_rows = [], []
+    for slide in sorted(by_slide):
+        for result in by_slide[slide]:
+            row, cells = result.table_rows(slide)
+            field_rows.append(row)
+            cell_rows.extend(cells)
+    slide_rows = [slide_row(slide, by_slide[slide], min_cells) for slide in sorted(by_slide)]
+    types = {"slide": pa.string(), "field": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
     cell_schema = pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS])
-    slides = pa.Table.from_pylist([r.row() for r in results])
-    for name, table in (("cells", pa.Table.from_pylist(cell_rows, schema=cell_schema)), ("slides", slides)):
+    tables = {"cells": pa.Table.from_pylist(cell_rows, schema=cell_schema), "fields": pa.Table.from_pylist(field_rows),
+              "slides": pa.Table.from_pylist(slide_rows)}
+    for name, table in tables.items():
         with atomic_path(output / f"{name}.parquet") as temporary:
             pq.write_table(table, temporary)
-    with atomic_path(output / "slides.csv") as temporary:
-        pa.csv.write_csv(slides, temporary)
-    return len(results), len(cell_rows)
+        if name != "cells":
+            with atomic_path(output / f"{name}.csv") as temporary:
+                pa.csv.write_csv(table, temporary)
+    return Tables(slide_rows, field_rows, len(cell_rows))

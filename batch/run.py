@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python batc
 from batch.field import FieldSettings, settings_served  # noqa: E402
 from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
-from batch.results import atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
+from batch.grouping import Grouping  # noqa: E402
+from batch.results import MIN_CELLS, atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
 from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
@@ -54,6 +55,8 @@ class BatchOptions:
     settings: FieldSettings = field(default_factory=FieldSettings)  # how each field is read and its cells found
     overlays: bool = False
     overwrite: bool = False
+    grouping: Grouping = field(default_factory=Grouping)  # which slide each field belongs to
+    min_cells: int = MIN_CELLS  # a slide's count is "enough" from this many red cells
 
 
 @dataclass
@@ -210,14 +213,17 @@ def _start_ray(address: str | None) -> None:
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
 
 
-def summary_table(results: list) -> str:
-    lines = [f"{'slide':<48} {'status':<6} {'cells':>6} {'parasitized':>11} {'parasitemia %':>13}"]
-    for result in sorted(results, key=lambda r: r.slide):
-        name = slide_name(result.slide)
-        if result.status == "ok":
-            lines.append(f"{name[-48:]:<48} {'ok':<6} {result.cells:>6} {result.parasitized:>11} {result.parasitemia_pct:>13.2f}")
-        else:
-            lines.append(f"{name[-48:]:<48} {'error':<6} {result.error[:70]}")
+def summary_table(slides: list[dict]) -> str:
+    """Per slide: fields, cells, parasitized, parasitemia with its 95 % interval; unreadable fields named."""
+    lines = [f"{'slide':<40} {'fields':>6} {'cells':>6} {'parasitized':>11} {'parasitemia %':>13} {'95% CI':>15}  enough"]
+    for row in slides:
+        name = slide_name(row["slide"])[-40:]
+        if row["status"] == "ok":
+            interval = f"{row['ci_low_pct']:.2f}-{row['ci_high_pct']:.2f}"
+            lines.append(f"{name:<40} {row['fields_ok']:>6} {row['cells']:>6} {row['parasitized']:>11} "
+                         f"{row['parasitemia_pct']:>13.2f} {interval:>15}  {'yes' if row['enough_cells'] else 'no'}")
+        if row["errors"]:
+            lines.append(f"{name:<40} error: {row['errors'][:100]}")
     return "\n".join(lines)
 
 
@@ -245,9 +251,9 @@ def run(options: BatchOptions) -> int:
         if server is not None:
             server.stop()
     results = read_parts(options.output)
-    slides, cells = write_tables(options.output, results)
+    tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells)
     wall = time.monotonic() - started
-    ok = sum(r.status == "ok" for r in results)
+    fields, ok = len(results), sum(r.status == "ok" for r in results)
     report = {
         "inputs": options.inputs,
         "output": str(options.output),
@@ -257,26 +263,30 @@ def run(options: BatchOptions) -> int:
         "protocol": options.protocol,
         "embedded_triton": server is not None,
         **{name: getattr(settings, name) for name in ("stain_normalise", "finder", "cell_diameter")},
-        "slides": slides,
-        "slides_ok": ok,
-        "slides_error": slides - ok,
-        "slides_processed_this_run": progress.done - progress.lost,
-        "slides_skipped_as_finished": progress.skipped,
-        "slides_lost": progress.lost,
-        "cells": cells,
+        "group": options.grouping.mode,
+        "slides": len(tables.slides),
+        "slides_with_enough_cells": sum(row["enough_cells"] for row in tables.slides),
+        "min_cells": options.min_cells,
+        "fields": fields,
+        "fields_ok": ok,
+        "fields_error": fields - ok,
+        "fields_processed_this_run": progress.done - progress.lost,
+        "fields_skipped_as_finished": progress.skipped,
+        "fields_lost": progress.lost,
+        "cells": tables.cells,
         "cells_this_run": progress.cells,
         "wall_seconds": round(wall, 2),
         "startup_seconds": round(startup, 2),
         "cells_per_second": round(progress.cells / wall, 2),
         "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
-        "slides_per_second": round((progress.done - progress.lost) / wall, 3),
+        "fields_per_second": round((progress.done - progress.lost) / wall, 3),
         **placement.report(progress.cells),
     }
     (options.output / "run.json").write_text(json.dumps(report, indent=2))
-    print(summary_table(results))
-    print(f"{slides} slides ({ok} ok, {slides - ok} error, {progress.lost} lost), {cells} cells; "
-          f"this run: {progress.done - progress.lost} slides in {wall:.1f}s, {report['cells_per_second']} cells/s. "
-          f"Results in {options.output}", flush=True)
+    print(summary_table(tables.slides))
+    print(f"{len(tables.slides)} slides of {fields} fields ({ok} ok, {fields - ok} error, {progress.lost} lost), "
+          f"{tables.cells} cells; this run: {progress.done - progress.lost} fields in {wall:.1f}s, "
+          f"{report['cells_per_second']} cells/s. Results in {options.output}", flush=True)
     if progress.lost or ok == 0:
         return 1
     return 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from batch.field import FieldSettings, detector_options
 from batch.inputs import Slide, TooLarge, read_file
-from batch.results import SlideResult, failed
+from batch.results import FieldResult, failed
 from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
 
 WORKER_RETRIES = 2  # a slide whose worker dies this many times more becomes an error row
@@ -26,7 +26,7 @@ NODE_PLACEHOLDER = "{node}"  # in a Triton URL: the address of the node the work
 class Outcome:
     """One slide as a worker finished it; `lost` is set when no server took its cells (not the slide's fault)."""
 
-    result: SlideResult | None
+    result: FieldResult | None
     node_id: str
     node_address: str
     model_version: str = ""

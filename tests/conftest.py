@@ -77,19 +77,28 @@ def server(repository):
 
 
 def result_tables(output: Path) -> tuple[list[dict], list[dict]]:
-    """A batch run's cells.parquet and slides.parquet as rows."""
+    """A batch run's cells.parquet and fields.parquet as rows."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(output / "cells.parquet").to_pylist(), pq.read_table(output / "slides.parquet").to_pylist()
+    return pq.read_table(output / "cells.parquet").to_pylist(), pq.read_table(output / "fields.parquet").to_pylist()
 
 
 def check_consistent(output: Path) -> tuple[list[dict], list[dict]]:
-    """Every slide once, every cell once, and each slide's counts equal to its cells'."""
-    cells, slides = result_tables(output)
-    assert len({s["slide"] for s in slides}) == len(slides)
-    assert len({(c["slide"], c["cell_id"]) for c in cells}) == len(cells)
+    """Every field once, every cell once, each field's counts equal to its cells', and each slide's
+    to its fields'. Returns the cells and the fields."""
+    import pyarrow.parquet as pq
+
+    cells, fields = result_tables(output)
+    assert len({f["field"] for f in fields}) == len(fields)
+    assert len({(c["field"], c["cell_id"]) for c in cells}) == len(cells)
+    for slide in pq.read_table(output / "slides.parquet").to_pylist():
+        mine = [f for f in fields if f["slide"] == slide["slide"]]
+        assert slide["fields"] == len(mine) and slide["fields_ok"] == sum(f["status"] == "ok" for f in mine)
+        assert slide["cells"] == sum(f["cells"] for f in mine if f["status"] == "ok")
+        assert slide["ci_low_pct"] <= slide["parasitemia_pct"] <= slide["ci_high_pct"]
+    slides = fields
     for slide in slides:
-        mine = [c for c in cells if c["slide"] == slide["slide"]]
+        mine = [c for c in cells if c["field"] == slide["field"]]
         assert slide["cells"] == len(mine)
         parasitized = sum(c["label"] == "Parasitized" for c in mine)
         assert slide["parasitized"] == parasitized

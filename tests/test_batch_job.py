@@ -52,18 +52,19 @@ def test_embedded_default_writes_every_output(embedded_run):
     ok = [s for s in slides if s["status"] == "ok"]
     assert len(ok) == len(list(FIELDS.glob("*.JPG"))) + 1  # + the archive member
     assert all(s["cells"] >= 40 for s in ok)  # each fixture field holds ~100 red cells
-    errors = {Path(s["slide"]).name: s["error"] for s in slides if s["status"] == "error"}
+    errors = {Path(s["field"]).name: s["error"] for s in slides if s["status"] == "error"}
     assert "empty file" in errors["zero.jpg"]
     assert "corrupt or truncated" in errors["truncated.jpg"]
     assert "not an image" in errors["text.png"]
     report = json.loads((output / "run.json").read_text())
-    assert report["embedded_triton"] and report["cells"] == len(cells) and report["slides_error"] == 3
+    assert report["embedded_triton"] and report["cells"] == len(cells) and report["fields_error"] == 3
     assert report["model"] == MODEL_NAME and report["model_version"] == "1"  # as the server reports it
     assert (output / "slides.csv").read_text().startswith("\"slide\"")
+    assert (output / "fields.csv").read_text().startswith("\"slide\",\"field\"")
     assert len(list((output / "overlays").glob("*.png"))) == len(ok)
-    for slide in ok:  # overlays are named after their slide, and slides.csv says which is whose
-        assert slide["overlay"].startswith(f"overlays/{Path(slide['slide']).stem}-") and (output / slide["overlay"]).is_file()
-    assert "\"overlay\"" in (output / "slides.csv").read_text().splitlines()[0]
+    for slide in ok:  # overlays are named after their field, and fields.csv says which is whose
+        assert slide["overlay"].startswith(f"overlays/{Path(slide['field']).stem}-") and (output / slide["overlay"]).is_file()
+    assert "\"overlay\"" in (output / "fields.csv").read_text().splitlines()[0]
     assert "parasitemia %" in result.stdout
 
 
@@ -73,8 +74,30 @@ def test_rerun_skips_finished_slides(embedded_run, inputs, repository, tmp_path)
     again = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository), timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
-    assert report["slides_processed_this_run"] == 0 and report["slides_skipped_as_finished"] == len(before[1])
+    assert report["fields_processed_this_run"] == 0 and report["fields_skipped_as_finished"] == len(before[1])
     assert result_tables(output) == before
+
+
+def test_fields_regrouped_into_slides_without_reprocessing(embedded_run, inputs, repository, tmp_path):
+    """A manifest puts two good fields and a truncated one on slide S1: its counts are the good
+    fields', the bad one is named, and nothing is classified again."""
+    output, _ = embedded_run
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,slide\nPA171691.JPG,S1\nPA171772.JPG,S1\ntruncated.jpg,S1\n")
+    result = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository),
+                     "--group", "manifest", "--manifest", str(manifest), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((output / "run.json").read_text())
+    assert report["group"] == "manifest" and report["fields_processed_this_run"] == 0
+    cells, fields = check_consistent(output)
+    slides = {row["slide"]: row for row in pq.read_table(output / "slides.parquet").to_pylist()}
+    one = slides["S1"]
+    good = [f for f in fields if Path(f["field"]).name in ("PA171691.JPG", "PA171772.JPG")]
+    assert (one["fields"], one["fields_ok"], one["fields_error"]) == (3, 2, 1)
+    assert one["cells"] == sum(f["cells"] for f in good) and one["parasitized"] == sum(f["parasitized"] for f in good)
+    assert "truncated.jpg: corrupt or truncated" in one["errors"]
+    assert report["slides"] == len(slides) == len(fields) - 2
+    assert "S1" in result.stdout and "95% CI" in result.stdout
 
 
 def test_resume_after_a_killed_run(inputs, repository, tmp_path):
@@ -97,8 +120,8 @@ def test_resume_after_a_killed_run(inputs, repository, tmp_path):
     resumed = run_cli("run", "--input", str(many), "--output", str(output), "--repository", str(repository), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
-    assert report["slides_skipped_as_finished"] == finished
-    assert report["slides_processed_this_run"] == 12 - finished
+    assert report["fields_skipped_as_finished"] == finished
+    assert report["fields_processed_this_run"] == 12 - finished
     _, slides = check_consistent(output)
     assert len(slides) == 12 and all(s["status"] == "ok" for s in slides)
 
@@ -150,7 +173,7 @@ def test_evaluate_slides_scores_the_run_against_annotations(embedded_run):
     assert report["infected_cells_found"] >= 9  # 10 of 11 annotated infected cells are found
     for share in ("infected_called_parasitized", "uninfected_called_parasitized"):
         assert 0.0 <= report[share] <= 1.0
-    slides = {Path(row["slide"]).name: row for row in pq.read_table(output / "slides.parquet").to_pylist()}
+    slides = {Path(row["field"]).name: row for row in pq.read_table(output / "fields.parquet").to_pylist()}
     for row in report["per_slide"]:
         assert row["parasitemia_reported_pct"] == round(slides[row["slide"]]["parasitemia_pct"], 2)
     # infected / annotated cells clear of the edge, counted in annotations.json by hand

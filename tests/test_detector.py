@@ -127,11 +127,11 @@ def test_both_models_in_one_triton_and_the_batch_job_finds_cells_with_the_detect
     annotations = load_annotations(ANNOTATIONS)
     for finder, output in results.items():
         report = json.loads((output / "run.json").read_text())
-        assert report["finder"] == finder and report["slides_ok"] == 3
+        assert report["finder"] == finder and report["fields_ok"] == 3
         cells = pq.read_table(output / "cells.parquet").to_pylist()
         total = None
         for path in sorted(FIELDS.glob("*.JPG")):
-            boxes = [(c["x"], c["y"], c["w"], c["h"]) for c in cells if c["slide"].endswith(path.name)]
+            boxes = [(c["x"], c["y"], c["w"], c["h"]) for c in cells if c["field"].endswith(path.name)]
             match = score_field(boxes, annotations[path.name], 1280, 960)
             total = match if total is None else total + match
         if finder == "learned":

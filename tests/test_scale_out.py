@@ -77,13 +77,13 @@ def finish(job: subprocess.Popen) -> str:
 
 
 def by_slide(output: Path) -> dict[str, tuple]:
-    """Each slide's counts and cells (box, label, probability), keyed by file name."""
-    cells, slides = check_consistent(output)
+    """Each field's counts and cells (box, label, probability), keyed by file name."""
+    cells, fields = check_consistent(output)
     rows = {}
-    for slide in slides:
+    for field in fields:
         mine = [(c["x"], c["y"], c["w"], c["h"], c["label"], round(c["p_parasitized"], 5))
-                for c in cells if c["slide"] == slide["slide"]]
-        rows[Path(slide["slide"]).name] = (slide["status"], slide["cells"], slide["parasitized"], tuple(mine))
+                for c in cells if c["field"] == field["field"]]
+        rows[Path(field["field"]).name] = (field["status"], field["cells"], field["parasitized"], tuple(mine))
     return rows
 
 
@@ -163,6 +163,6 @@ def test_an_interrupted_driver_resumes(cluster, servers, slides, clean, tmp_path
     finished = len(list((output / "parts").glob("*.json")))
     assert 2 <= finished < 3 * COPIES, "the run was not interrupted mid-way"
     report = run_job(cluster, slides, output, [servers[0].grpc_url])
-    assert report["slides_skipped_as_finished"] == finished
-    assert report["slides_processed_this_run"] == 3 * COPIES - finished
+    assert report["fields_skipped_as_finished"] == finished
+    assert report["fields_processed_this_run"] == 3 * COPIES - finished
     assert by_slide(output) == clean[2]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batch.results import CELL_COLUMNS, SLIDE_COLUMNS
+from batch.results import CELL_COLUMNS, FIELD_COLUMNS
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import free_port
 from tests.conftest import FIXTURES, run_cli
@@ -71,12 +71,13 @@ def test_a_field_gives_cells_and_counts_in_the_batch_job_s_columns(web):
     response = upload(url, FIELD.name, FIELD.read_bytes())
     assert response.status_code == 200, response.text
     body = response.json()
-    assert list(body["slide"]) == list(SLIDE_COLUMNS) and body["slide"]["status"] == "ok"
+    assert list(body["field"]) == list(FIELD_COLUMNS) and body["field"]["status"] == "ok"
+    assert body["field"]["slide"] == body["field"]["field"] == FIELD.name  # an upload is a slide of its own
     assert body["cells"] and all(list(cell) == list(CELL_COLUMNS) for cell in body["cells"])
     parasitized = sum(cell["label"] == "Parasitized" for cell in body["cells"])
     assert body["counts"] == {"cells": len(body["cells"]), "parasitized": parasitized,
                               "parasitemia_pct": pytest.approx(100 * parasitized / len(body["cells"]))}
-    assert (body["slide"]["width"], body["slide"]["height"]) == Image.open(FIELD).size
+    assert (body["field"]["width"], body["field"]["height"]) == Image.open(FIELD).size
     info = httpx.get(f"{url}/api/info").json()
     assert info["cell_columns"] == list(CELL_COLUMNS) and "not validated for clinical use" in info["disclaimer"]
     assert body["model_version"] == info["model_version"] == "1"
@@ -90,11 +91,11 @@ def test_the_page_and_the_batch_job_agree_on_a_field(web, tmp_path):
     result = run_cli("run", "--input", str(FIELD), "--output", str(tmp_path / "out"), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     batch = pq.read_table(tmp_path / "out" / "cells.parquet").to_pylist()
-    slide = pq.read_table(tmp_path / "out" / "slides.parquet").to_pylist()[0]
+    slide = pq.read_table(tmp_path / "out" / "fields.parquet").to_pylist()[0]
     assert len(batch) == len(api["cells"]) > 40
     for mine, theirs in zip(api["cells"], batch):
-        assert {k: v for k, v in mine.items() if k not in ("slide", "p_parasitized")} == \
-               {k: v for k, v in theirs.items() if k not in ("slide", "p_parasitized")}
+        assert {k: v for k, v in mine.items() if k not in ("slide", "field", "p_parasitized")} == \
+               {k: v for k, v in theirs.items() if k not in ("slide", "field", "p_parasitized")}
         assert mine["p_parasitized"] == pytest.approx(theirs["p_parasitized"], abs=1e-6)  # parquet keeps float32
     assert (slide["cells"], slide["parasitized"]) == (api["counts"]["cells"], api["counts"]["parasitized"])
 
@@ -146,7 +147,7 @@ def test_names_are_labels_and_nothing_uploaded_is_kept(web):
     before = set(spool.rglob("*"))
     response = upload(url, "../../../tmp/evil name.tif", tiff.getvalue(), "image/tiff")
     assert response.status_code == 200, response.text
-    assert response.json()["slide"]["slide"] == "evil name.tif"
+    assert response.json()["field"]["field"] == "evil name.tif"
     assert set(spool.rglob("*")) == before
 
 
@@ -195,7 +196,7 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         boxes.nth(3).hover()
         assert page.inner_text(".cell-readout").startswith(f"Cell {api['cells'][3]['cell_id']}: {api['cells'][3]['label']}")
         assert "p(parasitized) = " in page.inner_text(".cell-readout")
-        whole = f"0 0 {api['slide']['width']} {api['slide']['height']}"
+        whole = f"0 0 {api['field']['width']} {api['field']['height']}"
         page.locator(".zoom-in").click()
         assert page.get_attribute(".field-svg", "viewBox") != whole
         page.locator(".zoom-reset").click()
@@ -215,7 +216,7 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         with page.expect_download() as download:
             page.locator(".download-overlay").click()
         overlay = np.asarray(Image.open(download.value.path()).convert("RGB"))
-        assert overlay.shape == (api["slide"]["height"], api["slide"]["width"], 3)
+        assert overlay.shape == (api["field"]["height"], api["field"]["width"], 3)
         page.locator("#only-parasitized").check()
         visible = page.locator(".field-svg rect.Uninfected").first.is_visible()
         assert not visible

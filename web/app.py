@@ -21,7 +21,7 @@ from PIL import Image
 
 from batch.field import AnalysedField, analyse_field, detector_options, settings_served
 from batch.overlay import COLOURS, LINE_WIDTHS
-from batch.results import CELL_COLUMNS, SLIDE_COLUMNS
+from batch.results import CELL_COLUMNS, FIELD_COLUMNS
 from batch.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
 from cells.contract import CLASSES, IMAGE_SUFFIXES
 from deploy.client import DETECTOR, ClientOptions, InferenceRejected, ServersUnavailable, TritonModel
@@ -97,9 +97,10 @@ def preview_data_url(image) -> str:
 
 def field_response(analysed: AnalysedField, model: str, model_version: str, preview: bool) -> dict:
     result = analysed.result
+    row, cells = result.table_rows(result.field)  # an uploaded field is a slide of its own
     body = {
-        "slide": result.row(),
-        "cells": result.cell_rows,
+        "field": row,
+        "cells": cells,
         "counts": {"cells": result.cells, "parasitized": result.parasitized, "parasitemia_pct": result.parasitemia_pct},
         "model": model,
         "model_version": model_version,
@@ -163,7 +164,7 @@ def create_app(options: WebOptions) -> FastAPI:
         return {
             "model": client_options.model, "model_version": classifier.model_version, "classes": list(CLASSES),
             "colours": {label: "#%02x%02x%02x" % colour for label, colour in COLOURS.items()},
-            "line_widths": LINE_WIDTHS, "cell_columns": list(CELL_COLUMNS), "slide_columns": list(SLIDE_COLUMNS),
+            "line_widths": LINE_WIDTHS, "cell_columns": list(CELL_COLUMNS), "field_columns": list(FIELD_COLUMNS),
             "max_upload_bytes": options.max_upload_bytes, "max_pixels": options.settings.max_pixels,
             "cell_image_max_side": CELL_IMAGE_MAX_SIDE, "image_suffixes": sorted(IMAGE_SUFFIXES),
             "finder": state["settings"].finder,

@@ -5,6 +5,7 @@
 const SVG = "http://www.w3.org/2000/svg";
 const state = { info: null, fields: [], queue: [], busy: false, done: 0, total: 0 };
 const $ = (id) => document.getElementById(id);
+const fieldName = (result) => result.field.field;  // the uploaded file's name: a label only
 
 async function start() {
   const response = await fetch("/api/info");
@@ -25,7 +26,7 @@ async function start() {
   $("download-cells").addEventListener("click", () => download("smearscope-cells.csv",
     csv(state.info.cell_columns, state.fields.flatMap((f) => f.cells)), "text/csv"));
   $("download-fields").addEventListener("click", () => download("smearscope-fields.csv",
-    csv(state.info.slide_columns, state.fields.map((f) => f.slide)), "text/csv"));
+    csv(state.info.field_columns, state.fields.map((f) => f.field)), "text/csv"));
   document.body.dataset.ready = "true";
 }
 
@@ -77,7 +78,7 @@ function addField(field) {
   row.dataset.field = field.index;
   const link = document.createElement("a");
   link.href = `#field-${field.index}`;
-  link.textContent = field.slide.slide;
+  link.textContent = fieldName(field);
   const nameCell = document.createElement("td");
   nameCell.append(link);
   row.append(nameCell, ...[field.counts.cells, field.counts.parasitized, field.counts.parasitemia_pct.toFixed(2)]
@@ -94,13 +95,13 @@ function addField(field) {
 function fieldView(field) {
   const view = $("field-template").content.firstElementChild.cloneNode(true);
   view.id = `field-${field.index}`;
-  view.querySelector(".field-title").textContent = field.slide.slide;
+  view.querySelector(".field-title").textContent = fieldName(field);
   view.querySelector(".field-counts").textContent =
     `${field.counts.cells} cells, ${field.counts.parasitized} parasitized, ` +
     `parasitemia ${field.counts.parasitemia_pct.toFixed(2)} %`;
-  const { width, height } = field.slide;
+  const { width, height } = field.field;
   const svg = view.querySelector("svg");
-  svg.setAttribute("aria-label", `${field.slide.slide}: ${field.counts.cells} cells outlined`);
+  svg.setAttribute("aria-label", `${fieldName(field)}: ${field.counts.cells} cells outlined`);
   const image = document.createElementNS(SVG, "image");
   image.setAttribute("href", field.image);
   image.setAttribute("width", width);
@@ -201,7 +202,7 @@ function panZoom(viewer, svg, width, height) {
 function downloadOverlay(field) {
   const image = new Image();
   image.onload = () => {
-    const canvas = Object.assign(document.createElement("canvas"), { width: field.slide.width, height: field.slide.height });
+    const canvas = Object.assign(document.createElement("canvas"), { width: field.field.width, height: field.field.height });
     const context = canvas.getContext("2d");
     context.drawImage(image, 0, 0);
     for (const cell of field.cells) {
@@ -210,7 +211,7 @@ function downloadOverlay(field) {
       context.lineWidth = line;
       context.strokeRect(cell.x + line / 2, cell.y + line / 2, cell.w - line, cell.h - line);
     }
-    canvas.toBlob((blob) => saveBlob(`${stem(field.slide.slide)}-overlay.png`, blob), "image/png");
+    canvas.toBlob((blob) => saveBlob(`${stem(fieldName(field))}-overlay.png`, blob), "image/png");
   };
   image.src = field.image;
 }
