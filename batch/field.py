@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -78,7 +79,7 @@ async def analyse_field(
     data: bytes,
     classifier: TritonModel,
     settings: FieldSettings,
-    slide: str,
+    field_id: str,
     source: str,
     keep_image: bool = False,
     tally: RequestTally | None = None,
@@ -91,15 +92,36 @@ async def analyse_field(
     thread, so one process can prepare one field while another is classified. Errors of the servers
     (unavailable, rejected) are raised: they are not the field's fault.
     """
-    from cells.detect import cells_from_maps, detector_input
-
     started = time.monotonic()
     try:
         image = await asyncio.to_thread(decode_field, data, settings.max_pixels)
     except SlideError as error:
-        return AnalysedField(failed(slide, source, str(error)), error=error)
-    keep_border = settings.keep_border_cells
-    if is_cell_image(image):
+        return AnalysedField(failed(field_id, source, str(error)), error=error)
+    return await analyse_image(image, classifier, settings, field_id, source, keep_image, tally, detector,
+                               started=started)
+
+
+async def analyse_image(
+    image: np.ndarray,
+    classifier: TritonModel,
+    settings: FieldSettings,
+    field_id: str,
+    source: str,
+    keep_image: bool = False,
+    tally: RequestTally | None = None,
+    detector: TritonModel | None = None,
+    owns: Callable[[float, float], bool] | None = None,
+    offset: tuple[int, int] = (0, 0),
+    started: float | None = None,
+) -> AnalysedField:
+    """`analyse_field` on a decoded RGB image. For a tile of a whole-slide image: `owns(x, y)` keeps
+    only the cells whose centre (in the image's px) the tile owns, cells cut by the image's edge are
+    found too (the overlap makes them another tile's), and `offset` moves boxes to level-0 px."""
+    from cells.detect import cells_from_maps, detector_input
+
+    started = time.monotonic() if started is None else started
+    keep_border = settings.keep_border_cells or owns is not None
+    if is_cell_image(image) and owns is None:
         found = None
     elif settings.finder == "learned":
         small, factor = await asyncio.to_thread(detector_input, image, settings.cell_diameter)
@@ -107,8 +129,11 @@ async def analyse_field(
         found = await asyncio.to_thread(cells_from_maps, maps, image.shape[:2], factor, keep_border)
     else:
         found = await asyncio.to_thread(find_classical, image, keep_border, settings.cell_diameter)
+    if owns is not None:
+        found = [c for c in found if owns(c.x + c.w / 2, c.y + c.h / 2)]
     prepared = await asyncio.to_thread(slide_cells, image, found, keep_image, settings.stain_normalise)
     probabilities = await classifier.classify(prepared.crops, tally)
-    result = classified(slide, source, prepared.boxes, prepared.areas, probabilities, prepared.width,
+    boxes = prepared.boxes + np.array([offset[0], offset[1], 0, 0], np.int32)
+    result = classified(field_id, source, boxes, prepared.areas, probabilities, prepared.width,
                         prepared.height, time.monotonic() - started)
     return AnalysedField(result, prepared.image)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.inputs import ARCHIVE_SEPARATOR, slide_name
+from batch.wsi import slide_of_tile
 from cells.errors import BadInput, MissingInput
 
 GROUPS = ("file", "folder", "manifest", "pattern")
@@ -27,7 +28,10 @@ class Grouping:
     pattern: re.Pattern | None = None
 
     def slide_of(self, field_id: str) -> str:
-        """The slide a field (its id: a path, or `archive!member`) belongs to."""
+        """The slide a field (its id: a path, or `archive!member`) belongs to; a tile of a
+        whole-slide image always belongs to its image."""
+        if whole := slide_of_tile(field_id):
+            return whole
         if self.mode == "folder":
             archive, _, member = field_id.rpartition(ARCHIVE_SEPARATOR)
             if archive:

@@ -61,8 +61,8 @@ class FieldResult:
 
 
 FIELD_COLUMNS = ("slide", *(f.name for f in fields(FieldResult) if f.name != "cell_rows"))
-SLIDE_COLUMNS = ("slide", "status", "fields", "fields_ok", "fields_error", "cells", "parasitized", "parasitemia_pct",
-                 "ci_low_pct", "ci_high_pct", "enough_cells", "errors")
+SLIDE_COLUMNS = ("slide", "status", "complete", "fields", "fields_expected", "fields_ok", "fields_error", "cells",
+                 "parasitized", "parasitemia_pct", "ci_low_pct", "ci_high_pct", "enough_cells", "errors")
 
 
 def classified(field_id: str, source: str, boxes: np.ndarray, areas: np.ndarray, probabilities: np.ndarray,
@@ -88,16 +88,18 @@ def failed(field_id: str, source: str, reason: str) -> FieldResult:
     return FieldResult(field=field_id, source=source, status="error", error=reason)
 
 
-def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS) -> dict:
+def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS, expected: int | None = None) -> dict:
     """A slide's counts over its fields that could be read, parasitemia with its Wilson 95 % interval,
-    and whether enough cells were counted; the fields that could not be read are named in `errors`."""
+    and whether enough cells were counted; the fields that could not be read are named in `errors`.
+    `complete`: every field (or tile) the slide has (`expected`, default those present) has a result."""
     ok = [r for r in results if r.status == "ok"]
     cells = sum(r.cells for r in ok)
     parasitized = sum(r.parasitized for r in ok)
     low, high = wilson_interval(parasitized, cells)
     errors = [f"{slide_name(r.field)}: {r.error}" for r in results if r.status != "ok"]
     return {
-        "slide": slide, "status": "ok" if ok else "error", "fields": len(results), "fields_ok": len(ok),
+        "slide": slide, "status": "ok" if ok else "error", "complete": expected is None or len(results) >= expected,
+        "fields": len(results), "fields_expected": len(results) if expected is None else expected, "fields_ok": len(ok),
         "fields_error": len(results) - len(ok), "cells": cells, "parasitized": parasitized,
         "parasitemia_pct": 100.0 * parasitized / cells if cells else 0.0,
         "ci_low_pct": round(100 * low, 4), "ci_high_pct": round(100 * high, 4), "enough_cells": cells >= min_cells,
@@ -139,13 +141,17 @@ def read_parts(output: Path) -> list[FieldResult]:
 class Tables:
     slides: list[dict]
     fields: list[dict]
-    cells: int
+    cell_rows: list[dict]
+
+    @property
+    def cells(self) -> int:
+        return len(self.cell_rows)
 
 
 def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[str], str] = str,
-                 min_cells: int = MIN_CELLS) -> Tables:
+                 min_cells: int = MIN_CELLS, expected: dict[str, int] | None = None) -> Tables:
     """cells.parquet, fields.parquet/.csv and slides.parquet/.csv from every part, each field in the
-    slide `slide_of(field id)` names (default: its own)."""
+    slide `slide_of(field id)` names (default: its own); `expected`: fields each slide should have."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
@@ -159,7 +165,8 @@ def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[s
             row, cells = result.table_rows(slide)
             field_rows.append(row)
             cell_rows.extend(cells)
-    slide_rows = [slide_row(slide, by_slide[slide], min_cells) for slide in sorted(by_slide)]
+    expected = expected or {}
+    slide_rows = [slide_row(slide, by_slide[slide], min_cells, expected.get(slide)) for slide in sorted(by_slide)]
     types = {"slide": pa.string(), "field": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
     cell_schema = pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS])
     tables = {"cells": pa.Table.from_pylist(cell_rows, schema=cell_schema), "fields": pa.Table.from_pylist(field_rows),
@@ -170,4 +177,4 @@ def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[s
         if name != "cells":
             with atomic_path(output / f"{name}.csv") as temporary:
                 pa.csv.write_csv(table, temporary)
-    return Tables(slide_rows, field_rows, len(cell_rows))
+    return Tables(slide_rows, field_rows, cell_rows)

@@ -14,6 +14,7 @@ import pickle
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from batch.field import FieldSettings, settings_served  # noqa: E402
 from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
 from batch.grouping import Grouping  # noqa: E402
-from batch.results import MIN_CELLS, atomic_write, failed, finished_keys, read_parts, write_part, write_tables  # noqa: E402
+from batch.results import (  # noqa: E402
+    MIN_CELLS, atomic_path, atomic_write, failed, finished_keys, read_parts, write_part, write_tables,
+)
+from batch.wsi import Tile, deduplicate_seams, plan, slide_of_tile  # noqa: E402
 from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
@@ -69,6 +73,7 @@ class Progress:
     lost: int = 0
     cells: int = 0
     skipped: int = 0
+    expected: Counter = field(default_factory=Counter)  # fields (and tiles) each slide has, finished or not
     started: float = field(default_factory=time.monotonic)
     last_line: float = field(default_factory=time.monotonic)
     bar: object = None
@@ -154,12 +159,13 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
     progress, placement = Progress(), Placement()
     model_versions: set[str] = set()
 
-    async def handle(slide: Slide) -> None:
+    async def handle(slide: Slide | Tile, unit_settings: FieldSettings) -> None:
         try:
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
-                outcome = await analyse.remote(slide, options_ref, settings_ref, options.overlays, options.max_bytes)
+                unit_ref = settings_ref if unit_settings is settings else unit_settings
+                outcome = await analyse.remote(slide, options_ref, unit_ref, options.overlays, options.max_bytes)
                 placement.add(outcome)
                 if outcome.lost:
                     print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)
@@ -184,13 +190,15 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
 
     skipped = 0
     tasks = []
-    for slide in iter_slides(options.inputs, options.max_bytes):
-        if slide.key in done:
-            skipped += 1
-            continue
-        progress.total += 1
-        await gate.acquire()
-        tasks.append(asyncio.create_task(handle(slide)))
+    for item in iter_slides(options.inputs, options.max_bytes):
+        for unit, unit_settings in await asyncio.to_thread(plan, item, settings, options.max_bytes):
+            progress.expected[options.grouping.slide_of(unit.slide_id)] += 1
+            if unit.key in done:
+                skipped += 1
+                continue
+            progress.total += 1
+            await gate.acquire()
+            tasks.append(asyncio.create_task(handle(unit, unit_settings)))
     await asyncio.gather(*tasks)
     progress.close()
     progress.skipped = skipped
@@ -211,6 +219,24 @@ def _start_ray(address: str | None) -> None:
     for variable in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
         os.environ.setdefault(variable, str(free_port()))
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+
+def write_overviews(output: Path, tables) -> dict[str, str]:
+    """For each whole-slide image, a downsampled PNG with its cells drawn; {slide: path in output}."""
+    from PIL import Image
+
+    from batch.wsi import overview
+
+    cells: dict[str, list[dict]] = {}
+    for row in tables.cell_rows:
+        cells.setdefault(row["slide"], []).append(row)
+    written = {}
+    for slide in {row["slide"] for row in tables.fields if slide_of_tile(row["field"])}:
+        path = overlay_path(output, Slide(slide, slide))
+        with atomic_path(path) as temporary:
+            Image.fromarray(overview(slide, cells.get(slide, []))).save(temporary, format="PNG")
+        written[slide] = str(path.relative_to(output))
+    return written
 
 
 def summary_table(slides: list[dict]) -> str:
@@ -250,8 +276,9 @@ def run(options: BatchOptions) -> int:
             ray.shutdown()
         if server is not None:
             server.stop()
-    results = read_parts(options.output)
-    tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells)
+    results = deduplicate_seams(read_parts(options.output))
+    tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells, progress.expected)
+    overviews = write_overviews(options.output, tables) if options.overlays else {}
     wall = time.monotonic() - started
     fields, ok = len(results), sum(r.status == "ok" for r in results)
     report = {
@@ -281,6 +308,8 @@ def run(options: BatchOptions) -> int:
         "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
         "fields_per_second": round((progress.done - progress.lost) / wall, 3),
         **placement.report(progress.cells),
+        "slides_complete": sum(row["complete"] for row in tables.slides),
+        "overviews": overviews,
     }
     (options.output / "run.json").write_text(json.dumps(report, indent=2))
     print(summary_table(tables.slides))

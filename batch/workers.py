@@ -13,9 +13,12 @@ import asyncio
 import threading
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from batch.field import FieldSettings, detector_options
 from batch.inputs import Slide, TooLarge, read_file
 from batch.results import FieldResult, failed
+from batch.wsi import Tile, read_region
 from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
 
 WORKER_RETRIES = 2  # a slide whose worker dies this many times more becomes an error row
@@ -63,44 +66,59 @@ async def _connected(options: ClientOptions, contract):
     return _models[options, contract]
 
 
-async def _analyse(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool, max_bytes: int,
+def _read(work: Slide | Tile, max_bytes: int) -> bytes | np.ndarray:
+    """The encoded bytes of a field, or the decoded region of a whole-slide tile."""
+    if isinstance(work, Tile):
+        return read_region(work.path, work.read)
+    return work.data if work.data is not None else read_file(work.path, max_bytes)
+
+
+async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSettings, overlays: bool, max_bytes: int,
                    outcome: Outcome) -> Outcome:
-    from batch.field import analyse_field
+    from batch.field import analyse_field, analyse_image
     from deploy.client import InferenceRejected, ServersUnavailable
 
+    field_id, source = (work.field_id, work.path) if isinstance(work, Tile) else (work.slide_id, work.source)
     try:
-        data = slide.data if slide.data is not None else read_file(slide.path, max_bytes)
+        data = await asyncio.to_thread(_read, work, max_bytes)
     except TooLarge as error:
-        outcome.result = failed(slide.slide_id, slide.source, f"file {error}")
+        outcome.result = failed(field_id, source, f"file {error}")
         return outcome
-    except OSError as error:
-        outcome.result = failed(slide.slide_id, slide.source, f"unreadable file: {error.strerror or error}")
+    except (OSError, ValueError) as error:  # tifffile reports a damaged tile as a ValueError
+        outcome.result = failed(field_id, source, f"unreadable file: {getattr(error, 'strerror', None) or error}")
         return outcome
     try:
         classifier = await _connected(options, CLASSIFIER)
         detector = None
         if settings.finder == "learned":
             detector = await _connected(detector_options(options), DETECTOR)
-        analysed = await analyse_field(data, classifier, settings, slide.slide_id, slide.source,
-                                       keep_image=overlays, tally=outcome.tally, detector=detector)
+        if isinstance(work, Tile):
+            left, top = work.read[:2]
+            analysed = await analyse_image(data, classifier, settings, field_id, source, tally=outcome.tally,
+                                           detector=detector, owns=lambda x, y: work.owns(x + left, y + top),
+                                           offset=(left, top))
+        else:
+            analysed = await analyse_field(data, classifier, settings, field_id, source,
+                                           keep_image=overlays, tally=outcome.tally, detector=detector)
     except (InferenceRejected, ServersUnavailable) as error:
         outcome.lost = str(error)
         return outcome
     outcome.result, outcome.model_version = analysed.result, classifier.model_version
-    if overlays and analysed.result.status == "ok":
+    if overlays and analysed.result.status == "ok" and analysed.image is not None:
         outcome.overlay_png = analysed.overlay_png()
     return outcome
 
 
-def analyse_slide(slide: Slide, options: ClientOptions, settings: FieldSettings, overlays: bool,
+def analyse_slide(work: Slide | Tile, options: ClientOptions, settings: FieldSettings, overlays: bool,
                   max_bytes: int) -> Outcome:
-    """The Ray task's body: this slide's Outcome, computed on the worker's client loop."""
+    """The Ray task's body: the Outcome of one field (an image) or one tile of a whole-slide
+    image, computed on the worker's client loop."""
     import ray
 
     address = ray.util.get_node_ip_address()
     outcome = Outcome(None, ray.get_runtime_context().get_node_id(), address)
     options = replace(options, urls=node_urls(options.urls, address))
-    return asyncio.run_coroutine_threadsafe(_analyse(slide, options, settings, overlays, max_bytes, outcome), _client_loop()).result()
+    return asyncio.run_coroutine_threadsafe(_analyse(work, options, settings, overlays, max_bytes, outcome), _client_loop()).result()
 
 
 def remote_analyse_slide(cpus: float = 1.0):

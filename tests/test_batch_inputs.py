@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.inputs import TooLarge, expand, iter_slides, read_file
+from batch.field import FieldSettings
+from batch.inputs import DEFAULT_MAX_BYTES, TooLarge, expand, iter_slides, read_file
 from batch.slides import SlideError, decode
+from batch.wsi import plan
 from tests.png16 import png16
 
 FIELDS = Path(__file__).parent / "fixtures" / "smears"
@@ -108,13 +110,16 @@ def test_archives_are_streamed_and_unsafe_members_are_error_rows(tmp_path):
 
 
 def test_no_input_is_read_past_the_byte_limit(tmp_path):
-    huge = tmp_path / "huge.tif"
+    huge = tmp_path / "huge.jpg"
     with open(huge, "wb") as handle:  # 3 GB, sparse: costs no disk, would cost 3 GB of memory if read
         handle.truncate(3 << 30)
     (slide,) = iter_slides([str(huge)])
     assert slide.error.startswith("file too large: 3,221,225,472 bytes")
+    huge_tiff = huge.rename(tmp_path / "huge.tif")  # could be a whole-slide image: opened by its header, not read
+    ((planned, _),) = plan(next(iter_slides([str(huge_tiff)])), FieldSettings(), DEFAULT_MAX_BYTES)
+    assert planned.error.startswith("unreadable whole-slide image")
     with pytest.raises(TooLarge):
-        read_file(str(huge), 1 << 20)  # a file that grew after it was listed: the read stops at the cap
+        read_file(str(huge_tiff), 1 << 20)  # a file that grew after it was listed: the read stops at the cap
     inflating = b"\0" * (8 << 20)  # deflates to a few kB: a zip bomb in miniature
     with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("bomb.png", inflating)
