@@ -151,7 +151,7 @@ def test_ray_job_submit_against_a_head_node(server, tmp_path):
         status = subprocess.run([ray, "job", "status", "--address", cluster.dashboard_url, "smearscope-test"],
                                 env=cluster.env, capture_output=True, text=True, timeout=60)
         assert "Job 'smearscope-test' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
-        assert "slides (" in submit.stdout  # the job's own summary line, streamed from its logs
+        assert "slides of" in submit.stdout  # the job's own summary line, streamed from its logs
     _, slides = check_consistent(output)
     assert len(slides) == len(list(FIELDS.glob("*.JPG"))) and all(s["status"] == "ok" for s in slides)
     report = json.loads((output / "run.json").read_text())
