@@ -17,6 +17,18 @@ from deploy.server import free_port
 BIN = Path(sys.executable).parent
 
 
+def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM a process started in its own session, and SIGKILL its whole group if it lingers."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def ray_env() -> dict[str, str]:
     """Offline, no auth, fast shutdown, and node deaths noticed within seconds rather than a minute."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -107,14 +119,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         for process in [*self.nodes, self.head]:
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            if process is not None:
+                stop_group(process)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":

@@ -6,7 +6,6 @@ import csv
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from PIL import Image
 from batch.results import CELL_COLUMNS, FIELD_COLUMNS
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import free_port
+from tests.cluster import stop_group
 from tests.conftest import FIXTURES, run_cli
 
 pytestmark = pytest.mark.slow
@@ -54,12 +54,7 @@ def web(tmp_path_factory):
         process.kill()
         pytest.fail(f"smearscope web did not start: {process.stdout.read()[-2000:]}")
     yield url, spool
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_group(process)
 
 
 def upload(url: str, name: str, data: bytes, content_type: str = "image/jpeg", **params) -> httpx.Response:
