@@ -252,10 +252,57 @@ def _configure_train_detector(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_train_detector)
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from train.adapt import adapt
+    from train.config import AdaptConfig
+
+    report = adapt(AdaptConfig(
+        data=args.data, out=args.out, weights=str(args.model), fields=args.fields, field_images=args.field_images,
+        field_val_fraction=args.field_val_fraction, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, nih_share=args.nih_share,
+        infected_share=args.infected_share, stain_normalise=not args.no_stain_normalise,
+        trainable_from=args.trainable_from, finder=args.finder, max_false_positive_rate=args.max_false_positive_rate,
+        resume=args.resume, **augment_settings(args),
+    ))
+    print(json.dumps({k: report[k] for k in ("threshold", "operating_point", "rates_at_threshold")}, indent=2))
+    return 0
+
+
+def _configure_adapt(parser: argparse.ArgumentParser) -> None:
+    from train.config import STAGES, AdaptConfig as defaults
+
+    parser.add_argument("--data", type=Path, required=True, help="NIH folder with Parasitized/ and Uninfected/ (mixed in)")
+    parser.add_argument("--fields", type=Path, required=True, help="the lab's annotations.json (IML format)")
+    parser.add_argument("--field-images", type=Path, required=True, help="folder of the annotated field images")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: model.keras, decision.json, evaluation.json")
+    parser.add_argument("--model", type=Path, default=Path(defaults.weights), help="the classifier to start from (.onnx or .keras)")
+    parser.add_argument("--field-val-fraction", type=float, default=defaults.field_val_fraction, help="share of fields held out")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (cosine schedule ends at the last)")
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch, help="batches per epoch")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="cells per training step")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam's peak learning rate")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="splits and augmentation (42: the release's NIH split)")
+    parser.add_argument("--nih-share", type=float, default=defaults.nih_share, help="share of each batch drawn from NIH cells")
+    parser.add_argument("--infected-share", type=float, default=defaults.infected_share,
+                        help="share of the lab's part of a batch drawn from its infected cells")
+    parser.add_argument("--no-stain-normalise", action="store_true", help="train on the lab's cells as they are")
+    parser.add_argument("--trainable-from", choices=STAGES, default=defaults.trainable_from,
+                        help="first backbone stage trained; earlier ones and every batch norm stay frozen")
+    parser.add_argument("--finder", choices=("learned", "classical"), default=defaults.finder, help="how fields' cells are found")
+    parser.add_argument("--max-false-positive-rate", type=float, default=defaults.max_false_positive_rate,
+                        help="operating point: uninfected validation cells the threshold may call Parasitized")
+    add_augment_flags(parser)
+    parser.set_defaults(rotation=defaults.rotation)
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.set_defaults(handler=_adapt)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     add_command(commands, "train-detector", "the learned red-cell detector: k-fold CV by field, or the release model",
                 _configure_train_detector)
     add_command(commands, "train", "train the ResNet50V2 cell classifier", _configure_train)
+    add_command(commands, "adapt", "fine-tune the classifier on a lab's annotated fields and choose its threshold",
+                _configure_adapt)
     add_command(commands, "evaluate", "metrics and confusion plot of a .keras or .onnx model", _configure_evaluate)
     add_command(commands, "soup", "average the weights of fine-tunes of one checkpoint into one model", _configure_soup)
     _register_remote(add_group(commands, "remote", "train on a borrowed accelerator host (Keras on JAX)"))

@@ -73,21 +73,28 @@ def list_samples(data_dir: Path) -> list[Sample]:
     return samples
 
 
-def split_by_patient(samples: list[Sample], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
-    """Patient-level split, stratified: infected (P*) and healthy (C*) patients are split separately."""
+def stratified_split(names: list[str], stratum, val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """Split names into train and validation sets, each stratum (True first, then False) split by
+    itself, so both sides get some of each; one seeded shuffle serves both strata in turn."""
     groups: dict[bool, list[str]] = {True: [], False: []}
-    for patient in sorted({s.patient for s in samples}):
-        groups[patient.startswith("P")].append(patient)
+    for name in sorted(names):
+        groups[bool(stratum(name))].append(name)
     rng = random.Random(seed)
     train, val = set(), set()
-    for patients in groups.values():
-        rng.shuffle(patients)
-        n_val = round(len(patients) * val_fraction)
-        if len(patients) > 1:
-            n_val = min(max(n_val, 1), len(patients) - 1)
-        val.update(patients[:n_val])
-        train.update(patients[n_val:])
+    for members in groups.values():
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        if len(members) > 1:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val.update(members[:n_val])
+        train.update(members[n_val:])
     return train, val
+
+
+def split_by_patient(samples: list[Sample], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """Patient-level split, stratified: infected (P*) and healthy (C*) patients are split separately."""
+    patients = list({s.patient for s in samples})
+    return stratified_split(patients, lambda patient: patient.startswith("P"), val_fraction, seed)
 
 
 def split_samples(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -61,43 +62,11 @@ def train(config: TrainConfig) -> dict:
         flush=True,
     )
 
-    epochs_done = 0
-    if config.resume and (out / CHECKPOINT).is_file() and (out / STATE).is_file():
-        model = keras.models.load_model(out / CHECKPOINT)
-        epochs_done = json.loads((out / STATE).read_text())["epochs_done"]
-        print(f"resuming after epoch {epochs_done} from {out / CHECKPOINT}", flush=True)
-    else:
-        model = build_model(config.weights)
-        compile_model(model, config.learning_rate)
-        (out / "history.csv").unlink(missing_ok=True)
-
-    if epochs_done < config.epochs:
-        train_data = make_dataset(train_cells, config, training=True)
-        val_data = make_dataset(val_cells, config, training=False)
-        steps = config.steps_per_epoch or max(1, len(train_cells.labels) // config.batch_size)
-        best_kwargs = {}
-        if config.resume and (out / STATE).is_file() and (out / "history.csv").is_file():
-            previous = np.genfromtxt(out / "history.csv", delimiter=",", names=True)
-            best_kwargs["initial_value_threshold"] = float(np.min(np.atleast_1d(previous["val_loss"])))
-        model.fit(
-            train_data,
-            validation_data=val_data,
-            epochs=config.epochs,
-            initial_epoch=epochs_done,
-            steps_per_epoch=steps,
-            validation_steps=config.validation_steps,
-            class_weight=class_weights(train_cells.labels) if config.class_weight else None,
-            verbose=2,
-            callbacks=[
-                keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, config)),
-                keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-                keras.callbacks.ModelCheckpoint(
-                    str(out / BEST), monitor="val_loss", save_best_only=True, **best_kwargs
-                ),
-                keras.callbacks.ModelCheckpoint(str(out / CHECKPOINT)),
-                EpochState(out),
-            ],
-        )
+    train_data = make_dataset(train_cells, config, training=True)
+    val_data = make_dataset(val_cells, config, training=False)
+    steps = config.steps_per_epoch or max(1, len(train_cells.labels) // config.batch_size)
+    weights = class_weights(train_cells.labels) if config.class_weight else None
+    model = fit_with_checkpoints(lambda: build_model(config.weights), train_data, val_data, steps, config, weights)
 
     history = read_history(out / "history.csv")
     plot_curves(history, out / "curves.png")
@@ -107,3 +76,54 @@ def train(config: TrainConfig) -> dict:
     metrics = write_evaluation(keras_predictor(best), val_cells, out, extra={"split": config.split, "epochs": config.epochs})
     print(f"wrote {out}/model.keras; validation accuracy {metrics['accuracy']:.4f}", flush=True)
     return metrics
+
+
+def fit_with_checkpoints(
+    build: Callable[[], keras.Model],
+    train_data: tf.data.Dataset,
+    val_data: tf.data.Dataset | None,
+    steps: int,
+    config: TrainConfig,
+    class_weight: dict[int, float] | None = None,
+) -> keras.Model:
+    """Fit `config.epochs` epochs into `config.out`: the learning-rate schedule, history.csv, a
+    checkpoint and state.json after every epoch (so `config.resume` continues after the last one)
+    and, with validation data, best.keras by validation loss. `build` makes the model when there is
+    nothing to resume; it is compiled here. Returns the model after the last epoch."""
+    out = Path(config.out)
+    epochs_done = 0
+    if config.resume and (out / CHECKPOINT).is_file() and (out / STATE).is_file():
+        model = keras.models.load_model(out / CHECKPOINT)
+        epochs_done = json.loads((out / STATE).read_text())["epochs_done"]
+        print(f"resuming after epoch {epochs_done} from {out / CHECKPOINT}", flush=True)
+    else:
+        model = build()
+        compile_model(model, config.learning_rate)
+        (out / "history.csv").unlink(missing_ok=True)
+    if epochs_done >= config.epochs:
+        return model
+    callbacks = [
+        keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, config)),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.ModelCheckpoint(str(out / CHECKPOINT)),
+        EpochState(out),
+    ]
+    if val_data is not None:
+        best_kwargs = {}
+        if config.resume and (out / STATE).is_file() and (out / "history.csv").is_file():
+            previous = np.genfromtxt(out / "history.csv", delimiter=",", names=True)
+            best_kwargs["initial_value_threshold"] = float(np.min(np.atleast_1d(previous["val_loss"])))
+        callbacks.insert(2, keras.callbacks.ModelCheckpoint(str(out / BEST), monitor="val_loss", save_best_only=True,
+                                                            **best_kwargs))
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=config.epochs,
+        initial_epoch=epochs_done,
+        steps_per_epoch=steps,
+        validation_steps=config.validation_steps if val_data is not None else None,
+        class_weight=class_weight,
+        verbose=2,
+        callbacks=callbacks,
+    )
+    return model

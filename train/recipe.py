@@ -2,7 +2,6 @@
 accelerator host whose Keras runs on JAX or PyTorch (train/remote.py)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -12,30 +11,9 @@ import keras
 import numpy as np
 
 from cells.contract import CLASSES
+from train.config import TrainConfig
 
 STATE = "state.json"
-
-@dataclasses.dataclass
-class TrainConfig:
-    data: Path
-    out: Path
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    min_learning_rate: float = 1e-5
-    warmup_epochs: int = 1
-    split: str = "patient"
-    val_fraction: float = 0.3
-    seed: int = 42
-    weights: str = "none"
-    class_weight: bool = True
-    rotation: float = 20.0
-    channel_gain: float = 0.0
-    desaturate: float = 0.0
-    steps_per_epoch: int | None = None
-    validation_steps: int | None = None
-    resume: bool = False
-
 
 class StainJitter(keras.layers.Layer):
     """Colour moves for stain and microscope differences: per-channel gains, then a blend toward grey.
