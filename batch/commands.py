@@ -49,10 +49,13 @@ def add_field_flags(parser: argparse.ArgumentParser, defaults: FieldSettings) ->
     parser.add_argument("--keep-border-cells", action="store_true", help="also classify cells cut by the field edge")
     parser.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=defaults.stain_normalise,
                         help="recolour each field's cells to the training data's stain (cells/stain.py)")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help="p(parasitized) from which a cell is called Parasitized (default: the model's decision.json, else 0.5)")
 
 
 def field_settings(args: argparse.Namespace) -> FieldSettings:
-    return FieldSettings(args.max_pixels, args.keep_border_cells, args.stain_normalise, args.finder, args.cell_diameter)
+    return FieldSettings(args.max_pixels, args.keep_border_cells, args.stain_normalise, args.finder, args.cell_diameter,
+                         args.threshold)
 
 
 def configure_run(parser: argparse.ArgumentParser) -> None:

@@ -10,13 +10,16 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from batch.results import FieldResult, classified, failed
 from batch.slides import DEFAULT_MAX_PIXELS, SlideError, decode_field, find_classical, is_cell_image, slide_cells
 from cells.contract import DETECTOR_CELL_DIAMETER, DETECTOR_NAME
+from cells.decision import DEFAULT_THRESHOLD, Decision, read_decision
 from cells.errors import BadInput
+from cells.repository import model_dir
 from deploy.client import ClientOptions, RequestTally, TritonModel
 
 FINDERS = ("classical", "learned")
@@ -31,12 +34,22 @@ class FieldSettings:
     stain_normalise: bool = True
     finder: str = "learned"  # the detector served by Triton (cells/detect.py), or "classical" (cells/find.py)
     cell_diameter: float = DETECTOR_CELL_DIAMETER  # a typical red cell, px: fields at other magnifications
+    threshold: float | None = None  # p(parasitized) from which a cell is Parasitized; None: the model's (`decided`)
 
     def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise BadInput(f"threshold must be between 0 and 1, not {self.threshold}")
         if self.finder not in FINDERS:
             raise BadInput(f"finder must be one of {', '.join(FINDERS)}, not {self.finder!r}")
         if not 10 <= self.cell_diameter <= 1000:
             raise BadInput(f"cell diameter must be 10-1000 px, not {self.cell_diameter}")
+
+
+def decided(settings: FieldSettings, repository: Path, model: str) -> tuple[FieldSettings, Decision]:
+    """The settings with the threshold to use (`settings.threshold` if given, else the one stored
+    with the model in `repository`) and the model's decision rule at that threshold."""
+    decision = read_decision(model_dir(repository, model)).with_threshold(settings.threshold)
+    return replace(settings, threshold=decision.threshold), decision
 
 
 async def settings_served(settings: FieldSettings, options: ClientOptions) -> tuple[FieldSettings, str]:
@@ -134,6 +147,7 @@ async def analyse_image(
     prepared = await asyncio.to_thread(slide_cells, image, found, keep_image, settings.stain_normalise)
     probabilities = await classifier.classify(prepared.crops, tally)
     boxes = prepared.boxes + np.array([offset[0], offset[1], 0, 0], np.int32)
+    threshold = DEFAULT_THRESHOLD if settings.threshold is None else settings.threshold
     result = classified(field_id, source, boxes, prepared.areas, probabilities, prepared.width,
-                        prepared.height, time.monotonic() - started)
+                        prepared.height, time.monotonic() - started, threshold)
     return AnalysedField(result, prepared.image)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from batch.inputs import slide_name
-from cells.contract import CLASSES, PARASITIZED
+from cells.contract import CLASSES, PARASITIZED, UNINFECTED
+from cells.decision import DEFAULT_THRESHOLD, Decision, slide_call
 from cells.stats import wilson_interval
 
 PARTS = "parts"
@@ -62,13 +63,15 @@ class FieldResult:
 
 FIELD_COLUMNS = ("slide", *(f.name for f in fields(FieldResult) if f.name != "cell_rows"))
 SLIDE_COLUMNS = ("slide", "status", "complete", "fields", "fields_expected", "fields_ok", "fields_error", "cells",
-                 "parasitized", "parasitemia_pct", "ci_low_pct", "ci_high_pct", "enough_cells", "errors")
+                 "parasitized", "parasitemia_pct", "ci_low_pct", "ci_high_pct", "enough_cells", "call", "errors")
 
 
 def classified(field_id: str, source: str, boxes: np.ndarray, areas: np.ndarray, probabilities: np.ndarray,
-               width: int, height: int, seconds: float) -> FieldResult:
-    """A finished field: each cell labelled by the larger probability, parasitemia = share Parasitized."""
-    labels = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, int)
+               width: int, height: int, seconds: float, threshold: float = DEFAULT_THRESHOLD) -> FieldResult:
+    """A finished field: a cell is Parasitized when p(parasitized) >= `threshold` (cells/decision.py),
+    parasitemia = share Parasitized."""
+    is_parasitized = probabilities[:, PARASITIZED] >= threshold if len(probabilities) else np.zeros(0, bool)
+    labels = np.where(is_parasitized, PARASITIZED, UNINFECTED)
     rows = [
         {
             "field": field_id, "cell_id": i, "x": int(x), "y": int(y), "w": int(w), "h": int(h), "area": int(area),
@@ -88,10 +91,13 @@ def failed(field_id: str, source: str, reason: str) -> FieldResult:
     return FieldResult(field=field_id, source=source, status="error", error=reason)
 
 
-def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS, expected: int | None = None) -> dict:
+def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS, expected: int | None = None,
+              decision: Decision = Decision()) -> dict:
     """A slide's counts over its fields that could be read, parasitemia with its Wilson 95 % interval,
-    and whether enough cells were counted; the fields that could not be read are named in `errors`.
-    `complete`: every field (or tile) the slide has (`expected`, default those present) has a result."""
+    whether enough cells were counted, and its call (positive / negative / uncertain, weighed against
+    the model's validated false-positive rate: cells.decision.slide_call); the fields that could not
+    be read are named in `errors`. `complete`: every field (or tile) the slide has (`expected`,
+    default those present) has a result."""
     ok = [r for r in results if r.status == "ok"]
     cells = sum(r.cells for r in ok)
     parasitized = sum(r.parasitized for r in ok)
@@ -103,7 +109,7 @@ def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS
         "fields_error": len(results) - len(ok), "cells": cells, "parasitized": parasitized,
         "parasitemia_pct": 100.0 * parasitized / cells if cells else 0.0,
         "ci_low_pct": round(100 * low, 4), "ci_high_pct": round(100 * high, 4), "enough_cells": cells >= min_cells,
-        "errors": "; ".join(errors)[:2000],
+        "call": slide_call(parasitized, cells, decision) if ok else "", "errors": "; ".join(errors)[:2000],
     }
 
 
@@ -149,9 +155,11 @@ class Tables:
 
 
 def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[str], str] = str,
-                 min_cells: int = MIN_CELLS, expected: dict[str, int] | None = None) -> Tables:
+                 min_cells: int = MIN_CELLS, expected: dict[str, int] | None = None,
+                 decision: Decision = Decision()) -> Tables:
     """cells.parquet, fields.parquet/.csv and slides.parquet/.csv from every part, each field in the
-    slide `slide_of(field id)` names (default: its own); `expected`: fields each slide should have."""
+    slide `slide_of(field id)` names (default: its own); `expected`: fields each slide should have;
+    `decision`: the model's, for each slide's call."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
@@ -166,7 +174,7 @@ def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[s
             field_rows.append(row)
             cell_rows.extend(cells)
     expected = expected or {}
-    slide_rows = [slide_row(slide, by_slide[slide], min_cells, expected.get(slide)) for slide in sorted(by_slide)]
+    slide_rows = [slide_row(slide, by_slide[slide], min_cells, expected.get(slide), decision) for slide in sorted(by_slide)]
     types = {"slide": pa.string(), "field": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
     cell_schema = pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS])
     tables = {"cells": pa.Table.from_pylist(cell_rows, schema=cell_schema), "fields": pa.Table.from_pylist(field_rows),

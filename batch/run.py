@@ -15,13 +15,13 @@ import resource
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (ray job submit ... python batch/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batch.field import FieldSettings, settings_served  # noqa: E402
+from batch.field import FieldSettings, decided, settings_served  # noqa: E402
 from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_name  # noqa: E402
 from batch.overlay import overlay_path  # noqa: E402
 from batch.grouping import Grouping  # noqa: E402
@@ -32,6 +32,7 @@ from batch.wsi import Tile, deduplicate_seams, plan, slide_of_tile  # noqa: E402
 from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
+from cells.decision import CALLS  # noqa: E402
 from cells.repository import DEFAULT_REPOSITORY  # noqa: E402
 from deploy.client import ClientOptions, RequestTally  # noqa: E402
 
@@ -240,14 +241,17 @@ def write_overviews(output: Path, tables) -> dict[str, str]:
 
 
 def summary_table(slides: list[dict]) -> str:
-    """Per slide: fields, cells, parasitized, parasitemia with its 95 % interval; unreadable fields named."""
-    lines = [f"{'slide':<40} {'fields':>6} {'cells':>6} {'parasitized':>11} {'parasitemia %':>13} {'95% CI':>15}  enough"]
+    """Per slide: fields, cells, parasitized, parasitemia with its 95 % interval, whether enough cells
+    were counted and the call; unreadable fields named."""
+    lines = [f"{'slide':<40} {'fields':>6} {'cells':>6} {'parasitized':>11} {'parasitemia %':>13} {'95% CI':>15}  "
+             f"enough  call"]
     for row in slides:
         name = slide_name(row["slide"])[-40:]
         if row["status"] == "ok":
             interval = f"{row['ci_low_pct']:.2f}-{row['ci_high_pct']:.2f}"
             lines.append(f"{name:<40} {row['fields_ok']:>6} {row['cells']:>6} {row['parasitized']:>11} "
-                         f"{row['parasitemia_pct']:>13.2f} {interval:>15}  {'yes' if row['enough_cells'] else 'no'}")
+                         f"{row['parasitemia_pct']:>13.2f} {interval:>15}  {'yes' if row['enough_cells'] else 'no':<6}  "
+                         f"{row['call']}")
         if row["errors"]:
             lines.append(f"{name:<40} error: {row['errors'][:100]}")
     return "\n".join(lines)
@@ -262,6 +266,8 @@ def run(options: BatchOptions) -> int:
     started = time.monotonic()
     options.output.mkdir(parents=True, exist_ok=True)
     expand(options.inputs)  # fail fast on inputs that do not exist
+    settings, decision = decided(options.settings, options.repository, options.model)
+    options = replace(options, settings=settings)
     server = None
     if not options.triton_urls:
         server = EmbeddedServer(options.repository, threads=options.server_threads).start()
@@ -277,7 +283,8 @@ def run(options: BatchOptions) -> int:
         if server is not None:
             server.stop()
     results = deduplicate_seams(read_parts(options.output))
-    tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells, progress.expected)
+    tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells, progress.expected,
+                          decision)
     overviews = write_overviews(options.output, tables) if options.overlays else {}
     wall = time.monotonic() - started
     fields, ok = len(results), sum(r.status == "ok" for r in results)
@@ -289,7 +296,9 @@ def run(options: BatchOptions) -> int:
         "triton_urls": urls,
         "protocol": options.protocol,
         "embedded_triton": server is not None,
-        **{name: getattr(settings, name) for name in ("stain_normalise", "finder", "cell_diameter")},
+        **{name: getattr(settings, name) for name in ("stain_normalise", "finder", "cell_diameter", "threshold")},
+        "threshold_validated_on": decision.validated_on,
+        "calls": {call: sum(row["call"] == call for row in tables.slides) for call in CALLS},
         "group": options.grouping.mode,
         "slides": len(tables.slides),
         "slides_with_enough_cells": sum(row["enough_cells"] for row in tables.slides),

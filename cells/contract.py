@@ -14,6 +14,7 @@ OUTPUT_DTYPE = "FP32"
 # Alphabetical, as the published folder layout and the reference tutorial order them.
 CLASSES = ("Parasitized", "Uninfected")
 PARASITIZED = CLASSES.index("Parasitized")
+UNINFECTED = CLASSES.index("Uninfected")
 LABELS_FILE = "labels.txt"
 # Image files every stage reads (cell folders, smear fields, archive members).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})

@@ -89,8 +89,15 @@ class Decision:
 
     @classmethod
     def from_json(cls, data: dict) -> Decision:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
+        """Raises ValueError on unknown keys, a threshold outside (0, 1) or curves of unequal length."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        decision = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        curves = {len(decision.thresholds), len(decision.false_positives), len(decision.true_positives)}
+        if not 0.0 < float(decision.threshold) < 1.0 or len(curves) != 1:
+            raise ValueError("the threshold must lie in (0, 1) and the curves must have one length")
+        return decision
 
 
 def read_decision(model_dir: Path) -> Decision:

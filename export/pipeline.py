@@ -73,6 +73,21 @@ def writable_repository(repository: Path) -> None:
         raise ExportError(f"repository {repository} is not writable: {error.strerror or error}") from error
 
 
+def copy_decision(run: Path, model_dir: Path) -> float | None:
+    """The run's decision.json (its threshold, `smearscope adapt`) goes with the model; a model without
+    one removes the old one, whose threshold was chosen for another model. Returns the threshold."""
+    from cells.decision import DECISION_FILE, read_decision
+
+    target = model_dir / DECISION_FILE
+    target.unlink(missing_ok=True)
+    if not (run / DECISION_FILE).is_file():
+        return None
+    threshold = read_decision(run).threshold  # refuses a file that is not a decision
+    shutil.copyfile(run / DECISION_FILE, target)
+    log(f"decision threshold {threshold:.4f} written: {target}")
+    return threshold
+
+
 def export(options: ExportOptions) -> dict:
     """Run every step; nothing is written to the repository unless the parity gate passes."""
     import keras
@@ -150,6 +165,7 @@ def export(options: ExportOptions) -> dict:
         except TensorRTUnavailable as error:
             tensorrt_error = str(error)
     config = write_model_config(Path(options.repository), options.serving)
+    report["decision"] = copy_decision(model_path.parent, model_dir)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     log(f"repository written: {config} ({report['wall_seconds']}s)")

@@ -100,6 +100,33 @@ def test_fields_regrouped_into_slides_without_reprocessing(embedded_run, inputs,
     assert "S1" in result.stdout and "95% CI" in result.stdout
 
 
+def test_the_threshold_stored_with_the_model_labels_the_cells(embedded_run, repository, tmp_path):
+    """A decision.json beside the served model sets the threshold: put it at the median p(parasitized)
+    of the first run, and about half the cells of a field are Parasitized, each by p >= threshold."""
+    import numpy as np
+
+    from cells.decision import DECISION_FILE, Decision
+
+    cells, _ = result_tables(embedded_run[0])
+    threshold = float(np.median([c["p_parasitized"] for c in cells]))
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    decision = Decision(threshold=threshold, validated_on="a test", uninfected=1000, infected=10,
+                        thresholds=(threshold,), false_positives=(2,), true_positives=(9,))
+    (copy / MODEL_NAME / DECISION_FILE).write_text(json.dumps(decision.to_json()))
+    output = tmp_path / "out"
+    result = run_cli("run", "--input", str(FIELDS / "PA171691.JPG"), "--output", str(output), "--repository", str(copy),
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((output / "run.json").read_text())
+    assert report["threshold"] == threshold and report["threshold_validated_on"] == "a test"
+    rows, _ = result_tables(output)
+    assert all((r["label"] == "Parasitized") == (r["p_parasitized"] >= np.float32(threshold)) for r in rows)
+    assert 0.2 < np.mean([r["label"] == "Parasitized" for r in rows]) < 0.8
+    slide = pq.read_table(output / "slides.parquet").to_pylist()[0]
+    assert slide["call"] == "positive" and sum(report["calls"].values()) == 1  # far above 0.2 % false positives
+
+
 def test_resume_after_a_killed_run(inputs, repository, tmp_path):
     many = tmp_path / "many"
     many.mkdir()

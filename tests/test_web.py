@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from batch.results import CELL_COLUMNS, FIELD_COLUMNS
+from cells.decision import CALLS
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import free_port
 from tests.cluster import stop_group
@@ -70,10 +71,16 @@ def test_a_field_gives_cells_and_counts_in_the_batch_job_s_columns(web):
     assert body["field"]["slide"] == body["field"]["field"] == FIELD.name  # an upload is a slide of its own
     assert body["cells"] and all(list(cell) == list(CELL_COLUMNS) for cell in body["cells"])
     parasitized = sum(cell["label"] == "Parasitized" for cell in body["cells"])
-    assert body["counts"] == {"cells": len(body["cells"]), "parasitized": parasitized,
-                              "parasitemia_pct": pytest.approx(100 * parasitized / len(body["cells"]))}
-    assert (body["field"]["width"], body["field"]["height"]) == Image.open(FIELD).size
+    counts = body["counts"]
+    assert (counts["cells"], counts["parasitized"]) == (len(body["cells"]), parasitized)
+    assert counts["parasitemia_pct"] == pytest.approx(100 * parasitized / len(body["cells"]))
+    assert counts["ci_low_pct"] <= counts["parasitemia_pct"] <= counts["ci_high_pct"] and counts["call"] in CALLS
     info = httpx.get(f"{url}/api/info").json()
+    assert all((cell["label"] == "Parasitized") == (cell["p_parasitized"] >= info["threshold"]) for cell in body["cells"])
+    total = httpx.get(f"{url}/api/call", params={"parasitized": parasitized, "cells": len(body["cells"])}).json()
+    assert total == counts  # the page's total over fields is called by the same rule
+    assert httpx.get(f"{url}/api/call", params={"parasitized": 5, "cells": 2}).status_code == 422
+    assert (body["field"]["width"], body["field"]["height"]) == Image.open(FIELD).size
     assert info["cell_columns"] == list(CELL_COLUMNS) and "not validated for clinical use" in info["disclaimer"]
     assert body["model_version"] == info["model_version"] == "1"
     schema = httpx.get(f"{url}/openapi.json").json()
@@ -186,6 +193,10 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         assert page.inner_text("#total-cells") == str(api["counts"]["cells"])
         assert page.inner_text("#total-parasitized") == str(api["counts"]["parasitized"])
         assert page.inner_text("#total-parasitemia") == f"{api['counts']['parasitemia_pct']:.2f}"
+        page.wait_for_function("document.querySelector('#total-call').textContent !== ''")
+        assert page.inner_text("#total-call") == api["counts"]["call"]
+        assert page.inner_text("#summary-rows tr td:nth-child(6)") == api["counts"]["call"]
+        assert "called Parasitized from p(parasitized)" in page.inner_text("#threshold-note")
         boxes = page.locator(".field-svg rect")
         assert boxes.count() == api["counts"]["cells"]
         boxes.nth(3).hover()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cells.contract import CLASSES, PARASITIZED
+from cells.contract import PARASITIZED, UNINFECTED
 from cells.crop import cut_cell
 from cells.detection_eval import (
     CELL_TYPES,
@@ -33,7 +33,6 @@ from cells.find import Cell, cell_crops
 from cells.stain import normalise_stain
 from train.data import stratified_split
 
-UNINFECTED = CLASSES.index("Uninfected")
 Finder = Callable[[np.ndarray], list[Cell]]
 
 

@@ -30,6 +30,13 @@ def _layer_name(tensor_names: list[str]) -> str | None:
     return None
 
 
+def _layer(container: keras.Model, name: str | None, path: Path) -> keras.layers.Layer:
+    try:
+        return container.get_layer(name)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a smearscope ResNet50V2 classifier (no layer for {name!r})") from error
+
+
 def _set_bn(layer: keras.layers.BatchNormalization, scale: np.ndarray, shift: np.ndarray) -> None:
     variance = np.full_like(scale, 1.0 - layer.epsilon)
     layer.set_weights([scale, shift, np.zeros_like(scale), variance])
@@ -50,13 +57,13 @@ def keras_from_onnx(path: Path) -> keras.Model:
         if node.op_type == "Conv":
             name = _layer_name([node.input[1], node.name])
             weight, bias = constants[node.input[1]], constants[node.input[2]]
-            conv = backbone.get_layer(name)
+            conv = _layer(backbone, name, path)
             kernel = weight.transpose(2, 3, 1, 0)
             if conv.use_bias:
                 conv.set_weights([kernel, bias])
             else:
                 conv.set_weights([kernel])
-                bn = backbone.get_layer(name.replace("_conv", "_bn"))
+                bn = _layer(backbone, name.replace("_conv", "_bn"), path)
                 _set_bn(bn, np.ones_like(bias), bias)
                 loaded.add(bn.name)
             loaded.add(name)
@@ -65,12 +72,14 @@ def keras_from_onnx(path: Path) -> keras.Model:
             add = next(n for n in graph.node if node.output[0] in n.input and n.op_type == "Add")
             scale = constants[node.input[1]].reshape(-1)
             shift = constants[next(i for i in add.input if i in constants)].reshape(-1)
-            _set_bn(backbone.get_layer(name), scale, shift)
+            _set_bn(_layer(backbone, name, path), scale, shift)
             loaded.add(name)
         elif node.op_type == "MatMul":
+            if dense_done == len(DENSE):
+                raise ValueError(f"{path}: not a smearscope ResNet50V2 classifier (more than {len(DENSE)} dense layers)")
             add = next(n for n in graph.node if node.output[0] in n.input and n.op_type == "Add")
             bias = constants[next(i for i in add.input if i in constants)].reshape(-1)
-            model.get_layer(DENSE[dense_done]).set_weights([constants[node.input[1]], bias])
+            _layer(model, DENSE[dense_done], path).set_weights([constants[node.input[1]], bias])
             dense_done += 1
     weighted = {layer.name for layer in backbone.layers if layer.weights}
     missing = weighted - loaded

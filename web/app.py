@@ -21,9 +21,10 @@ from PIL import Image
 
 from batch.field import AnalysedField, analyse_field, detector_options, settings_served
 from batch.overlay import COLOURS, LINE_WIDTHS
-from batch.results import CELL_COLUMNS, FIELD_COLUMNS
+from batch.results import CELL_COLUMNS, FIELD_COLUMNS, FieldResult, slide_row
 from batch.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
 from cells.contract import CLASSES, IMAGE_SUFFIXES
+from cells.decision import NEGATIVE_BELOW, Decision
 from deploy.client import DETECTOR, ClientOptions, InferenceRejected, ServersUnavailable, TritonModel
 from web.options import MIB, WebOptions
 
@@ -95,13 +96,19 @@ def preview_data_url(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def field_response(analysed: AnalysedField, model: str, model_version: str, preview: bool) -> dict:
+def verdict(parasitized: int, cells: int, decision: Decision) -> dict:
+    """Parasitemia with its 95 % interval and the call, as the batch job's slides table has them."""
+    row = slide_row("", [FieldResult("", "", "ok", cells=cells, parasitized=parasitized)], decision=decision)
+    return {key: row[key] for key in ("cells", "parasitized", "parasitemia_pct", "ci_low_pct", "ci_high_pct", "call")}
+
+
+def field_response(analysed: AnalysedField, model: str, model_version: str, preview: bool, decision: Decision) -> dict:
     result = analysed.result
     row, cells = result.table_rows(result.field)  # an uploaded field is a slide of its own
     body = {
         "field": row,
         "cells": cells,
-        "counts": {"cells": result.cells, "parasitized": result.parasitized, "parasitemia_pct": result.parasitemia_pct},
+        "counts": verdict(result.parasitized, result.cells, decision),
         "model": model,
         "model_version": model_version,
     }
@@ -168,6 +175,8 @@ def create_app(options: WebOptions) -> FastAPI:
             "max_upload_bytes": options.max_upload_bytes, "max_pixels": options.settings.max_pixels,
             "cell_image_max_side": CELL_IMAGE_MAX_SIDE, "image_suffixes": sorted(IMAGE_SUFFIXES),
             "finder": state["settings"].finder,
+            "threshold": options.decision.threshold, "threshold_validated_on": options.decision.validated_on,
+            "negative_below_pct": 100 * NEGATIVE_BELOW,
             "disclaimer": DISCLAIMER,
         }
 
@@ -193,7 +202,15 @@ def create_app(options: WebOptions) -> FastAPI:
             raise HTTPException(502, f"classifier refused the cells: {error}") from error
         if analysed.error is not None:
             raise HTTPException(error_status(analysed), str(analysed.error))
-        return field_response(analysed, client_options.model, state["classifier"].model_version, image)
+        return field_response(analysed, client_options.model, state["classifier"].model_version, image,
+                              options.decision)
+
+    @app.get("/api/call")
+    async def call(parasitized: int = Query(..., ge=0), cells: int = Query(..., ge=0)) -> dict:
+        """Parasitemia, its 95 % interval and the call for counts over several fields (the page's total)."""
+        if parasitized > cells:
+            raise HTTPException(422, "parasitized cannot exceed cells")
+        return verdict(parasitized, cells, options.decision)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

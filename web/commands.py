@@ -6,6 +6,7 @@ from pathlib import Path
 
 from batch.commands import add_field_flags, field_settings
 from cells.cli import add_command
+from cells.contract import MODEL_NAME
 from cells.repository import DEFAULT_REPOSITORY
 from web.options import MIB, WebOptions
 
@@ -15,6 +16,7 @@ DEFAULTS = WebOptions(triton_urls=())
 def _web(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from batch.field import decided
     from deploy.server import EmbeddedServer
     from web.app import create_app
 
@@ -24,9 +26,9 @@ def _web(args: argparse.Namespace) -> int:
         server = EmbeddedServer(args.repository, threads=args.server_threads).start()
         urls = (server.grpc_url if args.protocol == "grpc" else server.http_url,)
         print(f"embedded Triton on {urls[0]} (models of {args.repository})", flush=True)
+    settings, decision = decided(field_settings(args), args.repository, MODEL_NAME)
     options = WebOptions(
-        triton_urls=urls, protocol=args.protocol,
-        settings=field_settings(args),
+        triton_urls=urls, protocol=args.protocol, settings=settings, decision=decision,
         max_upload_bytes=int(args.max_upload_mib * MIB), workers=args.workers, max_queued=args.max_queued,
     )
     try:
@@ -43,7 +45,7 @@ def configure_web(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port of the page and API")
     parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; default: start an embedded one")
     parser.add_argument("--protocol", choices=("grpc", "http"), default=DEFAULTS.protocol, help="how to talk to Triton")
-    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository for the embedded Triton")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository for the embedded Triton, and whose decision.json sets the threshold")
     parser.add_argument("--server-threads", type=int, default=0, help="ONNX Runtime threads of the embedded Triton (0: one per core)")
     parser.add_argument("--max-upload-mib", type=float, default=DEFAULTS.max_upload_bytes / MIB, help="larger uploads are refused (413)")
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers, help="fields analysed at once; others wait their turn")

@@ -11,6 +11,11 @@ async function start() {
   const response = await fetch("/api/info");
   state.info = await response.json();
   $("disclaimer").textContent = state.info.disclaimer;
+  $("threshold-note").textContent = `A cell is called Parasitized from p(parasitized) ≥ ${state.info.threshold}` +
+    (state.info.threshold_validated_on ? ` (chosen on ${state.info.threshold_validated_on}).` : ".") +
+    " A field or total is positive only when its share of Parasitized cells is clearly above the model's " +
+    `false-positive rate, negative only when it is clearly below what a ${state.info.negative_below_pct} % ` +
+    "parasitemia would give.";
   $("file-input").addEventListener("change", (event) => { enqueue(event.target.files); event.target.value = ""; });
   const zone = $("drop-zone");
   zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("dragging"); });
@@ -81,15 +86,31 @@ function addField(field) {
   link.textContent = fieldName(field);
   const nameCell = document.createElement("td");
   nameCell.append(link);
-  row.append(nameCell, ...[field.counts.cells, field.counts.parasitized, field.counts.parasitemia_pct.toFixed(2)]
-    .map((value) => Object.assign(document.createElement("td"), { textContent: value })));
+  const counts = field.counts;
+  row.append(nameCell, ...[counts.cells, counts.parasitized, counts.parasitemia_pct.toFixed(2), interval(counts),
+    counts.call].map((value) => Object.assign(document.createElement("td"), { textContent: value })));
   $("summary-rows").append(row);
+  $("fields").append(fieldView(field));
+  showTotal();
+}
+
+function interval(counts) {
+  return `${counts.ci_low_pct.toFixed(2)}–${counts.ci_high_pct.toFixed(2)}`;
+}
+
+// The total's interval and call come from the server, which calls slides as the batch job does.
+async function showTotal() {
   const cells = state.fields.reduce((sum, f) => sum + f.counts.cells, 0);
   const parasitized = state.fields.reduce((sum, f) => sum + f.counts.parasitized, 0);
-  $("total-cells").textContent = cells;
-  $("total-parasitized").textContent = parasitized;
-  $("total-parasitemia").textContent = (cells ? (100 * parasitized) / cells : 0).toFixed(2);
-  $("fields").append(fieldView(field));
+  const response = await fetch(`/api/call?parasitized=${parasitized}&cells=${cells}`);
+  if (!response.ok) return;
+  const total = await response.json();
+  if (total.cells !== state.fields.reduce((sum, f) => sum + f.counts.cells, 0)) return;  // a newer field came in
+  $("total-cells").textContent = total.cells;
+  $("total-parasitized").textContent = total.parasitized;
+  $("total-parasitemia").textContent = total.parasitemia_pct.toFixed(2);
+  $("total-interval").textContent = interval(total);
+  $("total-call").textContent = total.call;
 }
 
 function fieldView(field) {
@@ -98,7 +119,8 @@ function fieldView(field) {
   view.querySelector(".field-title").textContent = fieldName(field);
   view.querySelector(".field-counts").textContent =
     `${field.counts.cells} cells, ${field.counts.parasitized} parasitized, ` +
-    `parasitemia ${field.counts.parasitemia_pct.toFixed(2)} %`;
+    `parasitemia ${field.counts.parasitemia_pct.toFixed(2)} % (95 % CI ${interval(field.counts)}), ` +
+    `call: ${field.counts.call}`;
   const { width, height } = field.field;
   const svg = view.querySelector("svg");
   svg.setAttribute("aria-label", `${fieldName(field)}: ${field.counts.cells} cells outlined`);
