@@ -72,9 +72,9 @@ def field_finder(finder: str):
         from cells.detect import onnx_finder
 
         return onnx_finder(DEFAULT_REPOSITORY, keep_border=False)
-    from batch.slides import find_classical
+    from cells.find import find_cells
 
-    return find_classical
+    return find_cells
 
 
 def lab_metrics(labels: np.ndarray, p_parasitized: np.ndarray, fields: list[str], threshold: float) -> dict:
