@@ -40,6 +40,7 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         raise MissingInput(f"no cells.parquet in {results} (run the batch job first)")
     annotations = load_annotations(annotations_path)
     slides = [s for s in pq.read_table(results / "fields.parquet").to_pylist() if s["status"] == "ok"]
+    calls_by_field = _calls_by_field(results)
     cells_by_slide: dict[str, list[dict]] = {}
     for row in pq.read_table(cells_table).to_pylist():
         cells_by_slide.setdefault(row["field"], []).append(row)
@@ -66,7 +67,8 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
         per_slide.append({"slide": name, "found": match.tp + match.fp, "annotated": match.tp + match.fn,
                           "tp": match.tp, "fp": match.fp, "fn": match.fn, "f1": round(match.f1, 4),
                           "parasitemia_annotated_pct": round(100.0 * (ratio(annotated_infected, len(truth)) or 0.0), 2),
-                          "parasitemia_reported_pct": round(slide["parasitemia_pct"], 2)})
+                          "parasitemia_reported_pct": round(slide["parasitemia_pct"], 2),
+                          "call": calls_by_field.get(slide["field"], "")})
     if not per_slide:
         raise BadInput(f"no slide of {results} is named in {annotations_path}")
     positive = CLASSES[PARASITIZED]
@@ -89,10 +91,39 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
                 [abs(s["parasitemia_reported_pct"] - s["parasitemia_annotated_pct"]) for s in per_slide]
             ),
         },
+        "within_25_percent": _within(per_slide, 0.25),
+        "calls": _call_table(per_slide),
         "per_slide": per_slide,
     }
     (results / "evaluation.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _calls_by_field(results: Path) -> dict[str, str]:
+    """Each field's call where each field is its own slide (`--group file`); otherwise none."""
+    import pyarrow.parquet as pq
+
+    fields = pq.read_table(results / "fields.parquet").to_pylist()
+    if any(f["slide"] != f["field"] for f in fields) or not (results / "slides.parquet").is_file():
+        return {}
+    return {row["slide"]: row.get("call", "") for row in pq.read_table(results / "slides.parquet").to_pylist()}
+
+
+def _within(per_slide: list[dict], tolerance: float) -> dict:
+    """Fields with parasites whose reported parasitemia is within `tolerance` (relative) of the
+    annotated: the WHO's level-1 criterion for parasite counts, applied per field."""
+    positive = [s for s in per_slide if s["parasitemia_annotated_pct"] > 0]
+    within = [s for s in positive
+              if abs(s["parasitemia_reported_pct"] - s["parasitemia_annotated_pct"]) <= tolerance * s["parasitemia_annotated_pct"]]
+    return {"fields_with_parasites": len(positive), "within": len(within), "share": ratio(len(within), len(positive))}
+
+
+def _call_table(per_slide: list[dict]) -> dict[str, dict[str, int]]:
+    """Calls (positive / negative / uncertain) of the fields with and without annotated parasites."""
+    table: dict[str, Counter] = {"with_parasites": Counter(), "without_parasites": Counter()}
+    for s in per_slide:
+        table["with_parasites" if s["parasitemia_annotated_pct"] > 0 else "without_parasites"][s["call"] or "none"] += 1
+    return {kind: dict(sorted(counts.items())) for kind, counts in table.items()}
 
 
 def _box(row: dict) -> tuple[int, int, int, int]:

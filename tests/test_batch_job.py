@@ -208,3 +208,7 @@ def test_evaluate_slides_scores_the_run_against_annotations(embedded_run):
     assert annotated == {"PA171691.JPG": 2.88, "PA171772.JPG": 4.12, "PA171862.JPG": 2.24}
     errors = [abs(r["parasitemia_reported_pct"] - r["parasitemia_annotated_pct"]) for r in report["per_slide"]]
     assert report["parasitemia_pct"]["mean_absolute_error_points"] == pytest.approx(sum(errors) / 3, abs=0.01)
+    close = [r for r in report["per_slide"]
+             if abs(r["parasitemia_reported_pct"] - r["parasitemia_annotated_pct"]) <= 0.25 * r["parasitemia_annotated_pct"]]
+    assert report["within_25_percent"] == {"fields_with_parasites": 3, "within": len(close), "share": len(close) / 3}
+    assert sum(report["calls"]["with_parasites"].values()) == 3 and not report["calls"]["without_parasites"]
