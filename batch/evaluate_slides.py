@@ -16,7 +16,7 @@ from pathlib import Path
 from batch.inputs import slide_name
 from cells.contract import CLASSES, PARASITIZED
 from cells.errors import BadInput, MissingInput
-from cells.stats import ratio
+from cells.stats import count_agreement, ratio
 from cells.detection_eval import (
     BORDER_MARGIN,
     INFECTED_TYPES,
@@ -91,7 +91,8 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
                 [abs(s["parasitemia_reported_pct"] - s["parasitemia_annotated_pct"]) for s in per_slide]
             ),
         },
-        "within_25_percent": _within(per_slide, 0.25),
+        "within_25_percent": count_agreement(
+            [(s["parasitemia_annotated_pct"], s["parasitemia_reported_pct"]) for s in per_slide]),
         "calls": _call_table(per_slide),
         "per_slide": per_slide,
     }
@@ -107,15 +108,6 @@ def _calls_by_field(results: Path) -> dict[str, str]:
     if any(f["slide"] != f["field"] for f in fields) or not (results / "slides.parquet").is_file():
         return {}
     return {row["slide"]: row.get("call", "") for row in pq.read_table(results / "slides.parquet").to_pylist()}
-
-
-def _within(per_slide: list[dict], tolerance: float) -> dict:
-    """Fields with parasites whose reported parasitemia is within `tolerance` (relative) of the
-    annotated: the WHO's level-1 criterion for parasite counts, applied per field."""
-    positive = [s for s in per_slide if s["parasitemia_annotated_pct"] > 0]
-    within = [s for s in positive
-              if abs(s["parasitemia_reported_pct"] - s["parasitemia_annotated_pct"]) <= tolerance * s["parasitemia_annotated_pct"]]
-    return {"fields_with_parasites": len(positive), "within": len(within), "share": ratio(len(within), len(positive))}
 
 
 def _call_table(per_slide: list[dict]) -> dict[str, dict[str, int]]:

@@ -23,3 +23,14 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+WHO_COUNT_TOLERANCE = 0.25  # WHO level-1 competence: a parasite count within 25 % of the reference
+
+
+def count_agreement(pairs: list[tuple[float, float]], tolerance: float = WHO_COUNT_TOLERANCE) -> dict:
+    """For (annotated, reported) parasitemia pairs: how many have parasites annotated, and how many
+    of those are reported within `tolerance` (relative) of the annotated value."""
+    positive = [(annotated, reported) for annotated, reported in pairs if annotated > 0]
+    within = sum(abs(reported - annotated) <= tolerance * annotated for annotated, reported in positive)
+    return {"fields_with_parasites": len(positive), "within": within, "share": ratio(within, len(positive))}

@@ -48,10 +48,11 @@ def test_a_field_s_cells_are_the_crops_the_batch_job_classifies():
     height, width = image.shape[:2]
     annotated += [AnnotatedBox((5, 5, 60, 60), "difficult"), AnnotatedBox((width - 30, 400, 70, 70), "ring"),
                   AnnotatedBox((width + 10, 10, 50, 50), "red blood cell")]
-    crops, labels, counts = cut_field(image, annotated, _found_cells, stain_normalise=False)
+    crops, kinds, counts = cut_field(image, annotated, _found_cells, stain_normalise=False)
+    labels = np.array([label_of(kind) for kind in kinds])
     cells = [a for a in annotated if a.type != "difficult"]
     assert counts["left out: difficult"] == 1 and counts["left out: outside the field"] == 1
-    assert len(crops) == len(labels) == len(cells) - 1 == counts["matched a found cell"] + counts["cut from the annotated box"]
+    assert "difficult" not in kinds and len(crops) == len(labels) == len(cells) - 1 == counts["matched a found cell"] + counts["cut from the annotated box"]
     assert counts["matched a found cell"] > 0.8 * len(crops)
     assert Counter(labels.tolist())[PARASITIZED] == sum(label_of(a.type) == PARASITIZED for a in cells)
     assert crops.shape[1:] == (128, 128, 3) and crops.dtype == np.uint8
@@ -181,6 +182,8 @@ def test_adapt_runs_resumes_and_writes_its_threshold(tmp_path):
     assert report["after"]["lab"]["uninfected_called_parasitized"] <= 0.005
     assert {"nih", "lab"} <= set(report["after"]) and report["before_at_0.5"]["nih"]["images"] > 0
     assert (out / "model.keras").is_file()
+    rows = (out / "val_predictions.csv").read_text().splitlines()
+    assert rows[0] == "field,kind,p_parasitized" and len(rows) == 1 + decision.uninfected + decision.infected
     bad = run_cli("adapt", "--data", str(FIXTURES / "cells"), "--fields", str(ANNOTATIONS), "--field-images",
                   str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
     assert bad.returncode == 1 and "no image of" in bad.stderr and "Traceback" not in bad.stderr

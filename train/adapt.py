@@ -25,7 +25,7 @@ from cells.contract import PARASITIZED
 from cells.decision import DECISION_FILE, Decision, choose_threshold
 from cells.errors import BadInput
 from cells.repository import DEFAULT_REPOSITORY
-from cells.stats import wilson_interval
+from cells.stats import count_agreement, wilson_interval
 from train.data import list_samples, load_cells, split_samples
 from train.evaluate import keras_predictor, load_predictor
 from train.fields import FieldCells, load_field_cells, split_fields
@@ -91,8 +91,6 @@ def lab_metrics(labels: np.ndarray, p_parasitized: np.ndarray, fields: list[str]
         rows = np.array([f == name for f in fields])
         per_field[name] = {"cells": int(rows.sum()), "annotated_pct": round(100 * infected[rows].mean(), 3),
                            "called_pct": round(100 * called[rows].mean(), 3)}
-    with_parasites = [f for f in per_field.values() if f["annotated_pct"] > 0]
-    within = [abs(f["called_pct"] - f["annotated_pct"]) <= 0.25 * f["annotated_pct"] for f in with_parasites]
     return {
         "threshold": threshold,
         "infected": n_inf, "infected_called_parasitized": tp / n_inf if n_inf else None,
@@ -100,8 +98,7 @@ def lab_metrics(labels: np.ndarray, p_parasitized: np.ndarray, fields: list[str]
         "uninfected": n_uninf, "uninfected_called_parasitized": fp / n_uninf if n_uninf else None,
         "uninfected_ci95": wilson_interval(fp, n_uninf),
         "roc_auc": roc_auc(infected, p_parasitized),
-        "fields_with_parasites": len(with_parasites),
-        "fields_within_25pct": int(sum(within)),
+        "within_25_percent": count_agreement([(f["annotated_pct"], f["called_pct"]) for f in per_field.values()]),
         "fields_without_parasites_called_any": sum(1 for f in per_field.values() if f["annotated_pct"] == 0 and f["called_pct"] > 0),
         "per_field": per_field,
     }
@@ -143,6 +140,13 @@ def domain_metrics(p_lab: np.ndarray, p_nih: np.ndarray, lab: FieldCells, nih, t
     }
 
 
+def write_predictions(path: Path, cells: FieldCells, p_parasitized: np.ndarray) -> None:
+    """One row per validation cell of the lab: field, annotated type, p(parasitized); for choosing
+    an operating point afterwards without running the model again."""
+    rows = ["field,kind,p_parasitized"] + [f"{f},{k},{p:.6g}" for f, k, p in zip(cells.fields, cells.kinds, p_parasitized)]
+    path.write_text("\n".join(rows) + "\n")
+
+
 def adapt(config: AdaptConfig) -> dict:
     """Fine-tune, choose the threshold, evaluate before and after; returns evaluation.json's content."""
     out = Path(config.out)
@@ -177,6 +181,7 @@ def adapt(config: AdaptConfig) -> dict:
     model.save(out / "model.keras")
 
     p_lab, p_nih = both_domains(keras_predictor(model), lab_val, nih_val)
+    write_predictions(out / "val_predictions.csv", lab_val, p_lab[:, PARASITIZED])
     threshold = choose_threshold(lab_val.labels, p_lab[:, PARASITIZED], config.max_false_positive_rate)
     decision = Decision.from_validation(lab_val.labels, p_lab[:, PARASITIZED], threshold,
                                         f"{len(set(lab_val.fields))} validation fields of {config.fields}")

@@ -48,16 +48,19 @@ def label_of(kind: str) -> int | None:
 
 @dataclass
 class FieldCells:
-    """Crops [N, 128, 128, 3] uint8 with labels and the field each came from."""
+    """Crops [N, 128, 128, 3] uint8 with labels, the annotated type and the field each came from."""
 
     images: np.ndarray
     labels: np.ndarray
+    kinds: list[str]
     fields: list[str]
     counts: Counter = field(default_factory=Counter)  # matched, unmatched, left out, outside
 
     def select(self, names: set[str]) -> FieldCells:
-        keep = np.array([f in names for f in self.fields], dtype=bool)
-        return FieldCells(self.images[keep], self.labels[keep], [f for f in self.fields if f in names], self.counts)
+        keep = [f in names for f in self.fields]
+        return FieldCells(self.images[np.array(keep, bool)], self.labels[np.array(keep, bool)],
+                          [k for k, kept in zip(self.kinds, keep) if kept], [f for f in self.fields if f in names],
+                          self.counts)
 
 
 def clip_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -76,8 +79,8 @@ def ellipse_mask(w: int, h: int) -> np.ndarray:
 
 
 def cut_field(image: np.ndarray, annotated: list[AnnotatedBox], finder: Finder,
-              stain_normalise: bool) -> tuple[np.ndarray, np.ndarray, Counter]:
-    """One field's labelled crops and the counts of how each annotation was used."""
+              stain_normalise: bool) -> tuple[np.ndarray, list[str], Counter]:
+    """One field's crops of annotated cells, their annotated types, and how each annotation was used."""
     height, width = image.shape[:2]
     counts: Counter = Counter()
     wanted = []
@@ -89,7 +92,7 @@ def cut_field(image: np.ndarray, annotated: list[AnnotatedBox], finder: Finder,
         elif clipped is None:
             counts["left out: outside the field"] += 1
         else:
-            wanted.append((clipped, label))
+            wanted.append((clipped, box.type))
     found = finder(image)
     found_crops = cell_crops(image, found)
     match = match_boxes([c.box for c in found], [b for b, _ in wanted], MIN_IOU)
@@ -102,7 +105,7 @@ def cut_field(image: np.ndarray, annotated: list[AnnotatedBox], finder: Finder,
     rows = [matched[i] if i in matched else len(found) + extra.index(i) for i in range(len(wanted))]
     counts["matched a found cell"] += len(matched)
     counts["cut from the annotated box"] += len(extra)
-    return crops[rows], np.array([label for _, label in wanted], np.int32), counts
+    return crops[rows], [kind for _, kind in wanted], counts
 
 
 def load_field_cells(annotations: Path, images: Path, finder: Finder, stain_normalise: bool,
@@ -112,15 +115,16 @@ def load_field_cells(annotations: Path, images: Path, finder: Finder, stain_norm
     chosen = sorted(n for n in table if (names is None or n in names) and (Path(images) / n).is_file())
     if not chosen:
         raise BadInput(f"no image of {annotations} is in {images}")
-    parts, labels, fields, counts = [], [], [], Counter()
+    parts, kinds, fields, counts = [], [], [], Counter()
     for name in chosen:
-        crops, field_labels, field_counts = cut_field(load_rgb(Path(images) / name), table[name], finder,
-                                                      stain_normalise)
+        crops, field_kinds, field_counts = cut_field(load_rgb(Path(images) / name), table[name], finder,
+                                                     stain_normalise)
         parts.append(crops)
-        labels.append(field_labels)
-        fields += [name] * len(field_labels)
+        kinds += field_kinds
+        fields += [name] * len(field_kinds)
         counts += field_counts
-    return FieldCells(np.concatenate(parts), np.concatenate(labels), fields, counts)
+    labels = np.array([label_of(kind) for kind in kinds], np.int32)
+    return FieldCells(np.concatenate(parts), labels, kinds, fields, counts)
 
 
 def has_parasites(annotated: list[AnnotatedBox]) -> bool:
