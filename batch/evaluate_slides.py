@@ -49,6 +49,7 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
     errors: Counter[str] = Counter()
     calls: Counter[tuple[str, str]] = Counter()  # (annotated kind, predicted label)
     per_slide = []
+    pooled: Counter[str] = Counter()  # every field as one slide
     for slide in slides:
         name = slide_name(slide["field"])
         if name not in annotations:
@@ -64,6 +65,8 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
             kind = "infected" if truth[true].type in INFECTED_TYPES else "uninfected"
             calls[kind, rows[predicted]["label"]] += 1
         annotated_infected = sum(cell.type in INFECTED_TYPES for cell in truth)
+        pooled.update(annotated_infected=annotated_infected, annotated=len(truth), parasitized=slide["parasitized"],
+                      cells=slide["cells"])
         per_slide.append({"slide": name, "found": match.tp + match.fp, "annotated": match.tp + match.fn,
                           "tp": match.tp, "fp": match.fp, "fn": match.fn, "f1": round(match.f1, 4),
                           "parasitemia_annotated_pct": round(100.0 * (ratio(annotated_infected, len(truth)) or 0.0), 2),
@@ -90,6 +93,10 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
             "mean_absolute_error_points": _mean(
                 [abs(s["parasitemia_reported_pct"] - s["parasitemia_annotated_pct"]) for s in per_slide]
             ),
+        },
+        "pooled_parasitemia_pct": {  # all fields as one slide, as a slide's many fields are counted
+            "annotated": round(100.0 * (ratio(pooled["annotated_infected"], pooled["annotated"]) or 0.0), 3),
+            "reported": round(100.0 * (ratio(pooled["parasitized"], pooled["cells"]) or 0.0), 3),
         },
         "within_25_percent": count_agreement(
             [(s["parasitemia_annotated_pct"], s["parasitemia_reported_pct"]) for s in per_slide]),

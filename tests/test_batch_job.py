@@ -212,3 +212,7 @@ def test_evaluate_slides_scores_the_run_against_annotations(embedded_run):
              if abs(r["parasitemia_reported_pct"] - r["parasitemia_annotated_pct"]) <= 0.25 * r["parasitemia_annotated_pct"]]
     assert report["within_25_percent"] == {"fields_with_parasites": 3, "within": len(close), "share": len(close) / 3}
     assert sum(report["calls"]["with_parasites"].values()) == 3 and not report["calls"]["without_parasites"]
+    annotated_fields = [slides[row["slide"]] for row in report["per_slide"]]
+    pooled = 100 * sum(f["parasitized"] for f in annotated_fields) / sum(f["cells"] for f in annotated_fields)
+    assert report["pooled_parasitemia_pct"]["reported"] == round(pooled, 3)
+    assert report["pooled_parasitemia_pct"]["annotated"] == round(100 * 11 / 370, 3)  # 11 infected of 370 cells clear of the edge
