@@ -36,12 +36,12 @@ from train.recipe import Augment, one_hot
 
 def start_model(weights: str, trainable_from: str) -> keras.Model:
     """The model to fine-tune (an exported .onnx or a .keras file), frozen below `trainable_from`."""
-    from train.from_onnx import keras_from_onnx
+    from train.from_onnx import load_model
 
     path = Path(weights)
     if not path.is_file():
         raise BadInput(f"model to adapt not found: {path}")
-    model = keras_from_onnx(path) if path.suffix == ".onnx" else keras.models.load_model(path, compile=False)
+    model = load_model(path)
     trainable = trainable_from == "conv1"
     for layer in model.get_layer("resnet50v2").layers:
         trainable = trainable or layer.name.startswith(trainable_from + "_")
@@ -147,8 +147,20 @@ def write_predictions(path: Path, cells: FieldCells, p_parasitized: np.ndarray) 
     path.write_text("\n".join(rows) + "\n")
 
 
+def fine_tune(config: AdaptConfig, nih_train, lab_train: FieldCells) -> keras.Model:
+    """The mixed-batch fine-tune (module docstring), checkpointed in `config.out`."""
+    infected = lab_train.labels == PARASITIZED
+    parts = [(nih_train.images, nih_train.labels), (lab_train.images[infected], lab_train.labels[infected]),
+             (lab_train.images[~infected], lab_train.labels[~infected])]
+    lab_share = 1.0 - config.nih_share
+    weights = [config.nih_share, lab_share * config.infected_share, lab_share * (1.0 - config.infected_share)]
+    return fit_with_checkpoints(lambda: start_model(config.weights, config.trainable_from),
+                                mixed_dataset(parts, weights, config), None, config.steps_per_epoch or 100, config)
+
+
 def adapt(config: AdaptConfig) -> dict:
-    """Fine-tune, choose the threshold, evaluate before and after; returns evaluation.json's content."""
+    """Fine-tune (or with `config.evaluate`, take that model as it is), choose the threshold, evaluate
+    before and after; returns evaluation.json's content."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
@@ -156,7 +168,8 @@ def adapt(config: AdaptConfig) -> dict:
     started = time.monotonic()
     train_samples, val_samples, nih_split = split_samples(list_samples(config.data), "patient", config.val_fraction,
                                                           config.seed)
-    nih_train, nih_val = load_cells(train_samples), load_cells(val_samples)
+    training = config.evaluate is None
+    nih_train, nih_val = load_cells(train_samples) if training else None, load_cells(val_samples)
     train_fields, val_fields = split_fields(config.fields, config.field_val_fraction, config.seed)
     lab = load_field_cells(config.fields, config.field_images, field_finder(config.finder), config.stain_normalise)
     lab_train, lab_val = lab.select(train_fields), lab.select(val_fields)
@@ -166,21 +179,18 @@ def adapt(config: AdaptConfig) -> dict:
     (out / "split.json").write_text(json.dumps(split, indent=2))
     if not len(lab_val.labels) or not (lab_train.labels == PARASITIZED).any():
         raise BadInput("the annotated fields give no validation cells or no infected training cell")
-    print(f"data: NIH {len(nih_train.labels)} train / {len(nih_val.labels)} validation cells; lab "
+    print(f"data: NIH {len(train_samples)} train / {len(nih_val.labels)} validation cells; lab "
           f"{len(lab_train.labels)} cells of {len(set(lab_train.fields))} fields "
           f"({int((lab_train.labels == PARASITIZED).sum())} infected) / {len(lab_val.labels)} of "
           f"{len(set(lab_val.fields))} fields; {time.monotonic() - started:.0f}s", flush=True)
 
-    infected = lab_train.labels == PARASITIZED
-    parts = [(nih_train.images, nih_train.labels), (lab_train.images[infected], lab_train.labels[infected]),
-             (lab_train.images[~infected], lab_train.labels[~infected])]
-    lab_share = 1.0 - config.nih_share
-    weights = [config.nih_share, lab_share * config.infected_share, lab_share * (1.0 - config.infected_share)]
-    model = fit_with_checkpoints(lambda: start_model(config.weights, config.trainable_from),
-                                 mixed_dataset(parts, weights, config), None, config.steps_per_epoch or 100, config)
-    model.save(out / "model.keras")
-
-    p_lab, p_nih = both_domains(keras_predictor(model), lab_val, nih_val)
+    if training:
+        model = fine_tune(config, nih_train, lab_train)
+        model.save(out / "model.keras")
+        predictor = keras_predictor(model)
+    else:
+        predictor = load_predictor(Path(config.evaluate))
+    p_lab, p_nih = both_domains(predictor, lab_val, nih_val)
     write_predictions(out / "val_predictions.csv", lab_val, p_lab[:, PARASITIZED])
     threshold = choose_threshold(lab_val.labels, p_lab[:, PARASITIZED], config.max_false_positive_rate)
     decision = Decision.from_validation(lab_val.labels, p_lab[:, PARASITIZED], threshold,

@@ -92,12 +92,14 @@ def _soup(args: argparse.Namespace) -> int:
     missing = [str(path) for path in args.models if not path.is_file()]
     if missing:
         raise MissingInput(f"model not found: {', '.join(missing)}")
-    print(soup(args.models, args.out))
+    print(soup(args.models, args.out, args.mix))
     return 0
 
 
 def _configure_soup(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=Path, nargs="+", required=True, help=".keras fine-tunes of one checkpoint")
+    parser.add_argument("--models", type=Path, nargs="+", required=True,
+                        help="fine-tunes of one checkpoint (.keras), or the checkpoint itself (.keras or exported .onnx)")
+    parser.add_argument("--mix", type=float, nargs="+", help="each model's weight in the average (default: equal)")
     parser.add_argument("--out", type=Path, required=True, help="the averaged .keras model to write")
     parser.set_defaults(handler=_soup)
 
@@ -262,7 +264,7 @@ def _adapt(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, nih_share=args.nih_share,
         infected_share=args.infected_share, stain_normalise=not args.no_stain_normalise,
         trainable_from=args.trainable_from, finder=args.finder, max_false_positive_rate=args.max_false_positive_rate,
-        resume=args.resume, **augment_settings(args),
+        resume=args.resume, evaluate=args.evaluate, **augment_settings(args),
     ))
     print(json.dumps({k: report[k] for k in ("threshold", "operating_point", "rates_at_threshold")}, indent=2))
     return 0
@@ -294,6 +296,8 @@ def _configure_adapt(parser: argparse.ArgumentParser) -> None:
     add_augment_flags(parser)
     parser.set_defaults(rotation=defaults.rotation)
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--evaluate", type=Path, help="no training: score this model (.keras or .onnx, e.g. a soup) "
+                        "on the same split and choose its threshold into --out")
     parser.set_defaults(handler=_adapt)
 
 

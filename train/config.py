@@ -53,6 +53,7 @@ class AdaptConfig(TrainConfig):
     trainable_from: str = "conv4"
     finder: str = "learned"
     max_false_positive_rate: float = 0.005
+    evaluate: Path | None = None  # a model to score and choose the threshold for, instead of training
 
     def __post_init__(self) -> None:
         if self.trainable_from not in STAGES:

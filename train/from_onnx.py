@@ -86,3 +86,10 @@ def keras_from_onnx(path: Path) -> keras.Model:
     if missing or dense_done != len(DENSE):
         raise ValueError(f"{path}: not a smearscope ResNet50V2 classifier (unmatched: {sorted(missing)[:5]})")
     return model
+
+
+def load_model(path: Path) -> keras.Model:
+    """A classifier to train or average: a .keras file, or an exported .onnx loaded back into Keras."""
+    if path.suffix == ".onnx":
+        return keras_from_onnx(path)
+    return keras.models.load_model(path, compile=False)
