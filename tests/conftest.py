@@ -88,7 +88,10 @@ def check_consistent(output: Path) -> tuple[list[dict], list[dict]]:
     to its fields'. Returns the cells and the fields."""
     import pyarrow.parquet as pq
 
+    import json
+
     cells, fields = result_tables(output)
+    threshold = json.loads((output / "run.json").read_text())["threshold"]  # the model's or --threshold
     assert len({f["field"] for f in fields}) == len(fields)
     assert len({(c["field"], c["cell_id"]) for c in cells}) == len(cells)
     for slide in pq.read_table(output / "slides.parquet").to_pylist():
@@ -105,5 +108,5 @@ def check_consistent(output: Path) -> tuple[list[dict], list[dict]]:
         assert slide["parasitemia_pct"] == pytest.approx(100 * parasitized / len(mine) if mine else 0.0)
         for c in mine:
             assert 0 <= c["x"] and c["x"] + c["w"] <= slide["width"] and 0 <= c["y"] and c["y"] + c["h"] <= slide["height"]
-            assert (c["label"] == "Parasitized") == (c["p_parasitized"] > 0.5)
+            assert (c["label"] == "Parasitized") == (c["p_parasitized"] >= threshold)
     return cells, slides
