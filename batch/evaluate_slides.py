@@ -39,8 +39,9 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
     if not cells_table.is_file():
         raise MissingInput(f"no cells.parquet in {results} (run the batch job first)")
     annotations = load_annotations(annotations_path)
-    slides = [s for s in pq.read_table(results / "fields.parquet").to_pylist() if s["status"] == "ok"]
-    calls_by_field = _calls_by_field(results)
+    fields = pq.read_table(results / "fields.parquet").to_pylist()
+    slides = [s for s in fields if s["status"] == "ok"]
+    calls_by_field = _calls_by_field(results, fields)
     cells_by_slide: dict[str, list[dict]] = {}
     for row in pq.read_table(cells_table).to_pylist():
         cells_by_slide.setdefault(row["field"], []).append(row)
@@ -107,11 +108,10 @@ def evaluate_slides(results: Path, annotations_path: Path, margin: int = BORDER_
     return report
 
 
-def _calls_by_field(results: Path) -> dict[str, str]:
+def _calls_by_field(results: Path, fields: list[dict]) -> dict[str, str]:
     """Each field's call where each field is its own slide (`--group file`); otherwise none."""
     import pyarrow.parquet as pq
 
-    fields = pq.read_table(results / "fields.parquet").to_pylist()
     if any(f["slide"] != f["field"] for f in fields) or not (results / "slides.parquet").is_file():
         return {}
     return {row["slide"]: row.get("call", "") for row in pq.read_table(results / "slides.parquet").to_pylist()}

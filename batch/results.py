@@ -99,18 +99,24 @@ def slide_row(slide: str, results: list[FieldResult], min_cells: int = MIN_CELLS
     be read are named in `errors`. `complete`: every field (or tile) the slide has (`expected`,
     default those present) has a result."""
     ok = [r for r in results if r.status == "ok"]
-    cells = sum(r.cells for r in ok)
-    parasitized = sum(r.parasitized for r in ok)
-    low, high = wilson_interval(parasitized, cells)
+    summary = count_summary(sum(r.parasitized for r in ok), sum(r.cells for r in ok), decision)
     errors = [f"{slide_name(r.field)}: {r.error}" for r in results if r.status != "ok"]
     return {
         "slide": slide, "status": "ok" if ok else "error", "complete": expected is None or len(results) >= expected,
         "fields": len(results), "fields_expected": len(results) if expected is None else expected, "fields_ok": len(ok),
-        "fields_error": len(results) - len(ok), "cells": cells, "parasitized": parasitized,
-        "parasitemia_pct": 100.0 * parasitized / cells if cells else 0.0,
-        "ci_low_pct": round(100 * low, 4), "ci_high_pct": round(100 * high, 4), "enough_cells": cells >= min_cells,
-        "call": slide_call(parasitized, cells, decision) if ok else "", "errors": "; ".join(errors)[:2000],
+        "fields_error": len(results) - len(ok),
+        **{key: summary[key] for key in ("cells", "parasitized", "parasitemia_pct", "ci_low_pct", "ci_high_pct")},
+        "enough_cells": summary["cells"] >= min_cells, "call": summary["call"] if ok else "",
+        "errors": "; ".join(errors)[:2000],
     }
+
+
+def count_summary(parasitized: int, cells: int, decision: Decision) -> dict:
+    """Counts as a slide reports them: parasitemia %, its Wilson 95 % interval and the call."""
+    low, high = wilson_interval(parasitized, cells)
+    return {"cells": cells, "parasitized": parasitized, "parasitemia_pct": 100.0 * parasitized / cells if cells else 0.0,
+            "ci_low_pct": round(100 * low, 4), "ci_high_pct": round(100 * high, 4),
+            "call": slide_call(parasitized, cells, decision)}
 
 
 @contextmanager

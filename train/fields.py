@@ -102,10 +102,10 @@ def cut_field(image: np.ndarray, annotated: list[AnnotatedBox], finder: Finder,
     crops = np.concatenate([found_crops, np.array(extra_crops, np.uint8).reshape(-1, *found_crops.shape[1:])])
     if stain_normalise:
         crops = normalise_stain(crops)
-    rows = [matched[i] if i in matched else len(found) + extra.index(i) for i in range(len(wanted))]
+    crop_row = matched | {i: len(found) + k for k, i in enumerate(extra)}  # annotation -> its row of `crops`
     counts["matched a found cell"] += len(matched)
     counts["cut from the annotated box"] += len(extra)
-    return crops[rows], [kind for _, kind in wanted], counts
+    return crops[[crop_row[i] for i in range(len(wanted))]], [kind for _, kind in wanted], counts
 
 
 def load_field_cells(annotations: Path, images: Path, finder: Finder, stain_normalise: bool,

@@ -21,7 +21,7 @@ from PIL import Image
 
 from batch.field import AnalysedField, analyse_field, detector_options, settings_served
 from batch.overlay import COLOURS, LINE_WIDTHS
-from batch.results import CELL_COLUMNS, FIELD_COLUMNS, FieldResult, slide_row
+from batch.results import CELL_COLUMNS, FIELD_COLUMNS, count_summary
 from batch.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
 from cells.contract import CLASSES, IMAGE_SUFFIXES
 from cells.decision import NEGATIVE_BELOW, Decision
@@ -96,19 +96,13 @@ def preview_data_url(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def verdict(parasitized: int, cells: int, decision: Decision) -> dict:
-    """Parasitemia with its 95 % interval and the call, as the batch job's slides table has them."""
-    row = slide_row("", [FieldResult("", "", "ok", cells=cells, parasitized=parasitized)], decision=decision)
-    return {key: row[key] for key in ("cells", "parasitized", "parasitemia_pct", "ci_low_pct", "ci_high_pct", "call")}
-
-
 def field_response(analysed: AnalysedField, model: str, model_version: str, preview: bool, decision: Decision) -> dict:
     result = analysed.result
     row, cells = result.table_rows(result.field)  # an uploaded field is a slide of its own
     body = {
         "field": row,
         "cells": cells,
-        "counts": verdict(result.parasitized, result.cells, decision),
+        "counts": count_summary(result.parasitized, result.cells, decision),
         "model": model,
         "model_version": model_version,
     }
@@ -210,7 +204,7 @@ def create_app(options: WebOptions) -> FastAPI:
         """Parasitemia, its 95 % interval and the call for counts over several fields (the page's total)."""
         if parasitized > cells:
             raise HTTPException(422, "parasitized cannot exceed cells")
-        return verdict(parasitized, cells, options.decision)
+        return count_summary(parasitized, cells, options.decision)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
