@@ -33,6 +33,7 @@ from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
 from cells.decision import CALLS  # noqa: E402
+from cells.stopping import Interrupted, StopSignals, exit_code  # noqa: E402
 from cells.repository import DEFAULT_REPOSITORY  # noqa: E402
 from deploy.client import ClientOptions, RequestTally  # noqa: E402
 
@@ -74,6 +75,7 @@ class Progress:
     lost: int = 0
     cells: int = 0
     skipped: int = 0
+    planned: bool = False  # every input listed and planned: `expected` is complete
     expected: Counter = field(default_factory=Counter)  # fields (and tiles) each slide has, finished or not
     started: float = field(default_factory=time.monotonic)
     last_line: float = field(default_factory=time.monotonic)
@@ -107,6 +109,12 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
+    def interrupted_line(self) -> str:
+        finished = self.skipped + self.done - self.lost
+        known = sum(self.expected.values())
+        return (f"interrupted: {finished} of {'' if self.planned else 'at least '}{known} slides done; "
+                "rerun the same command to resume")
+
 
 @dataclass
 class Placement:
@@ -134,12 +142,17 @@ class Placement:
         }
 
 
-async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Placement, str, FieldSettings]:
+async def process(options: BatchOptions, urls: list[str], progress: Progress,
+                  stop: StopSignals) -> tuple[Placement, str, FieldSettings]:
     """Send slides to Ray tasks with bounded concurrency; write each finished slide at once.
 
-    Returns the progress, where the work went, the model version the servers reported, and the
-    settings used (the classical finder where no detector was served).
+    A stop signal cancels this coroutine: nothing more is scheduled, slides in flight are abandoned
+    (their Ray tasks end with the driver) and no part is written after it, so every part on disk is
+    whole. Returns where the work went, the model version the servers reported, and the settings
+    used (the classical finder where no detector was served).
     """
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    stop.on_stop(lambda: loop.is_closed() or loop.call_soon_threadsafe(main.cancel))
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -157,7 +170,7 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
     gate = asyncio.Semaphore(options.max_pending or max(2, int(2 * cpus / options.worker_cpus)))
     output = options.output
     done = set() if options.overwrite else finished_keys(output)
-    progress, placement = Progress(), Placement()
+    placement = Placement()
     model_versions: set[str] = set()
 
     async def handle(slide: Slide | Tile, unit_settings: FieldSettings) -> None:
@@ -189,21 +202,19 @@ async def process(options: BatchOptions, urls: list[str]) -> tuple[Progress, Pla
         write_part(output, slide.key, result)
         progress.add(result.cells, error=result.status == "error")
 
-    skipped = 0
     tasks = []
     for item in iter_slides(options.inputs, options.max_bytes):
         for unit, unit_settings in await asyncio.to_thread(plan, item, settings, options.max_bytes):
             progress.expected[options.grouping.slide_of(unit.slide_id)] += 1
             if unit.key in done:
-                skipped += 1
+                progress.skipped += 1
                 continue
             progress.total += 1
             await gate.acquire()
             tasks.append(asyncio.create_task(handle(unit, unit_settings)))
+    progress.planned = True
     await asyncio.gather(*tasks)
-    progress.close()
-    progress.skipped = skipped
-    return progress, placement, ",".join(sorted(model_versions)), settings
+    return placement, ",".join(sorted(model_versions)), settings
 
 
 def _start_ray(address: str | None) -> None:
@@ -258,7 +269,26 @@ def summary_table(slides: list[dict]) -> str:
 
 
 def run(options: BatchOptions) -> int:
-    """Start what is missing (Ray, Triton), process, write tables and run.json; exit code for the caller."""
+    """Start what is missing (Ray, Triton), process, write tables and run.json; exit code for the caller.
+
+    SIGINT or SIGTERM, however the process was started: stop scheduling, abandon the slides in
+    flight, stop the embedded Triton and Ray, say how far the run got and exit 130 or 143. Finished
+    parts stay, so the same command resumes; the tables are written only by a run that finished.
+    """
+    stop = StopSignals().install()
+    progress = Progress()
+    try:
+        return _run(options, progress, stop)
+    except (Interrupted, asyncio.CancelledError):
+        if not stop.stopped:
+            raise
+        print(progress.interrupted_line(), file=sys.stderr, flush=True)
+        return exit_code(stop.signum)
+    finally:
+        progress.close()
+
+
+def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
     import ray
 
     from deploy.server import EmbeddedServer
@@ -268,59 +298,66 @@ def run(options: BatchOptions) -> int:
     expand(options.inputs)  # fail fast on inputs that do not exist
     settings, decision = decided(options.settings, options.repository, options.model)
     options = replace(options, settings=settings)
-    server = None
-    if not options.triton_urls:
-        server = EmbeddedServer(options.repository, threads=options.server_threads).start()
-        print(f"embedded Triton on grpc {server.grpc_url} (model {options.model} from {options.repository})", flush=True)
+    server = None if options.triton_urls else EmbeddedServer(options.repository, threads=options.server_threads)
     urls = list(options.triton_urls) or [server.grpc_url if options.protocol == "grpc" else server.http_url]
     try:
-        _start_ray(options.ray_address)
+        with stop.raising():
+            if server is not None:
+                server.start()
+                print(f"embedded Triton on grpc {server.grpc_url} (model {options.model} from {options.repository})",
+                      flush=True)
+            _start_ray(options.ray_address)
+            stop.install()  # again: Ray's core worker replaces the SIGTERM handler with its own, which aborts
         startup = time.monotonic() - started  # Triton and Ray ready: what every run pays before its first slide
-        progress, placement, model_version, settings = asyncio.run(process(options, urls))
+        placement, model_version, settings = asyncio.run(process(options, urls, progress, stop))
     finally:
+        if server is not None:
+            server.terminate()  # it takes seconds to unload: let it while Ray shuts down
         if ray.is_initialized():
             ray.shutdown()
         if server is not None:
             server.stop()
-    results = deduplicate_seams(read_parts(options.output))
-    tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells, progress.expected,
-                          decision)
-    overviews = write_overviews(options.output, tables) if options.overlays else {}
-    wall = time.monotonic() - started
-    fields, ok = len(results), sum(r.status == "ok" for r in results)
-    report = {
-        "inputs": options.inputs,
-        "output": str(options.output),
-        "model": options.model,
-        "model_version": model_version,
-        "triton_urls": urls,
-        "protocol": options.protocol,
-        "embedded_triton": server is not None,
-        **{name: getattr(settings, name) for name in ("stain_normalise", "finder", "cell_diameter", "threshold")},
-        "threshold_validated_on": decision.validated_on,
-        "calls": {call: sum(row["call"] == call for row in tables.slides) for call in CALLS},
-        "group": options.grouping.mode,
-        "slides": len(tables.slides),
-        "slides_with_enough_cells": sum(row["enough_cells"] for row in tables.slides),
-        "min_cells": options.min_cells,
-        "fields": fields,
-        "fields_ok": ok,
-        "fields_error": fields - ok,
-        "fields_processed_this_run": progress.done - progress.lost,
-        "fields_skipped_as_finished": progress.skipped,
-        "fields_lost": progress.lost,
-        "cells": tables.cells,
-        "cells_this_run": progress.cells,
-        "wall_seconds": round(wall, 2),
-        "startup_seconds": round(startup, 2),
-        "cells_per_second": round(progress.cells / wall, 2),
-        "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
-        "fields_per_second": round((progress.done - progress.lost) / wall, 3),
-        **placement.report(progress.cells),
-        "slides_complete": sum(row["complete"] for row in tables.slides),
-        "overviews": overviews,
-    }
-    (options.output / "run.json").write_text(json.dumps(report, indent=2))
+    with stop.raising():
+        results = deduplicate_seams(read_parts(options.output))
+        tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells,
+                              progress.expected, decision)
+        overviews = write_overviews(options.output, tables) if options.overlays else {}
+        wall = time.monotonic() - started
+        fields, ok = len(results), sum(r.status == "ok" for r in results)
+        report = {
+            "inputs": options.inputs,
+            "output": str(options.output),
+            "model": options.model,
+            "model_version": model_version,
+            "triton_urls": urls,
+            "protocol": options.protocol,
+            "embedded_triton": server is not None,
+            **{name: getattr(settings, name) for name in ("stain_normalise", "finder", "cell_diameter", "threshold")},
+            "threshold_validated_on": decision.validated_on,
+            "decision_rule": decision.describe(),
+            "calls": {call: sum(row["call"] == call for row in tables.slides) for call in CALLS},
+            "group": options.grouping.mode,
+            "slides": len(tables.slides),
+            "slides_with_enough_cells": sum(row["enough_cells"] for row in tables.slides),
+            "min_cells": options.min_cells,
+            "fields": fields,
+            "fields_ok": ok,
+            "fields_error": fields - ok,
+            "fields_processed_this_run": progress.done - progress.lost,
+            "fields_skipped_as_finished": progress.skipped,
+            "fields_lost": progress.lost,
+            "cells": tables.cells,
+            "cells_this_run": progress.cells,
+            "wall_seconds": round(wall, 2),
+            "startup_seconds": round(startup, 2),
+            "cells_per_second": round(progress.cells / wall, 2),
+            "steady_cells_per_second": round(progress.cells / max(wall - startup, 1e-9), 2),
+            "fields_per_second": round((progress.done - progress.lost) / wall, 3),
+            **placement.report(progress.cells),
+            "slides_complete": sum(row["complete"] for row in tables.slides),
+            "overviews": overviews,
+        }
+        atomic_write(options.output / "run.json", json.dumps(report, indent=2))
     print(summary_table(tables.slides))
     print(f"{len(tables.slides)} slides of {fields} fields ({ok} ok, {fields - ok} error, {progress.lost} lost), "
           f"{tables.cells} cells; this run: {progress.done - progress.lost} fields in {wall:.1f}s, "

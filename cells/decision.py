@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cells.contract import PARASITIZED
+from cells.contract import CLASSES, PARASITIZED
 from cells.errors import BadInput
 from cells.stats import wilson_interval
 
@@ -83,6 +83,33 @@ class Decision:
         fp = self.false_positives[index]
         sensitivity = self.true_positives[index] / self.infected if self.infected else None
         return Rates(fp / self.uninfected, wilson_interval(fp, self.uninfected)[1], sensitivity)
+
+    def validation(self) -> str:
+        """What the threshold was chosen on, as a lab reads it: the data set by name and the counts."""
+        if not self.validated_on:
+            return "not validated on a lab's fields"
+        return f"chosen on {self.validated_on} ({self.uninfected:,} uninfected and {self.infected:,} infected cells)"
+
+    def describe(self) -> str:
+        """The rule in one line: the threshold to three decimals and what it was validated on."""
+        return f"p(parasitized) ≥ {self.threshold:.3f}, {self.validation()}"
+
+    def triton_parameters(self) -> dict[str, str]:
+        """The rule as parameters of the served model's Triton config, so that a plain KServe-v2 client
+        (`GET /v2/models/<name>/config`) calls cells as the batch job and the page do."""
+        rates = self.rates()
+        parameters = {
+            "decision_class": CLASSES[PARASITIZED],
+            "decision_output_index": str(PARASITIZED),
+            "decision_threshold": repr(float(self.threshold)),
+            "decision_rule": f"a cell is {CLASSES[PARASITIZED]} when probabilities[{PARASITIZED}] >= decision_threshold",
+            "decision_validated_on": self.validation(),
+        }
+        if rates.false_positive_rate is not None:
+            parameters["decision_false_positive_rate"] = f"{rates.false_positive_rate:.4f}"
+        if rates.sensitivity is not None:
+            parameters["decision_sensitivity"] = f"{rates.sensitivity:.4f}"
+        return parameters
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -17,6 +17,16 @@ PLATFORM_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx
 SOURCE_DIR = "source"
 
 
+def released_path(path: Path | str) -> str:
+    """How a released file (a report, decision.json) names a path: relative to the working directory
+    when inside it, else only its folder and name, so no path of the machine that made it is kept."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(path.parent.name) / path.name)
+
+
 def model_dir(repository: Path, name: str) -> Path:
     return Path(repository) / name
 

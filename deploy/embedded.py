@@ -117,6 +117,12 @@ def _bind(triton, name: str, onnx: Path, config, threads: int) -> None:
         ),
         strict=True,
     )
+    # The config's parameters (the classifier's decision rule) for clients to read. PyTriton 0.7 has no
+    # public way to set them; its model caches the Triton config it writes at run(), so add them there
+    # (tests/test_serve.py reads them back from the running server).
+    served = next(model for model in triton._model_manager.models if model.model_name == name)
+    served._get_triton_model_config().backend_parameters.update(
+        {key: value.string_value for key, value in config.parameters.items()})
 
 
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
@@ -141,6 +147,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         metrics_address=options.host,
         metrics_port=options.metrics_port,
         log_verbose=0,
+        exit_timeout_secs=2,
     )
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
     with Triton(config=triton_config, security_config=security) as triton:
@@ -153,7 +160,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
             f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",
             flush=True,
         )
-        while not stop.wait(1.0):
+        while not stop.wait(0.2):
             if not triton.is_alive():
                 raise ServeError("Triton stopped unexpectedly")
             if options.parent_pid is not None and os.getppid() != options.parent_pid:

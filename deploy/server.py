@@ -90,11 +90,16 @@ class EmbeddedServer:
                 return False
         return True
 
+    def terminate(self) -> None:
+        """Ask the server to stop (SIGTERM) without waiting: `stop()` waits for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait (Triton unloads the model, frees shared memory); SIGKILL the group if stuck."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

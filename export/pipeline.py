@@ -129,10 +129,10 @@ def export(options: ExportOptions) -> dict:
         log(f"INT8 on {int8_report['validation_images']} validation cells: {int8_report}")
         failures += int8_failures
     report = {
-        "source_model": str(model_path),
+        "source_model": layout.released_path(model_path),
         "source_sha256": sha256(model_path),
         "parameters": model.count_params(),
-        "parity_data": str(options.parity_data),
+        "parity_data": layout.released_path(options.parity_data),
         "parity_images": int(len(cells.labels)),
         "fp32_vs_keras": fp32,
         "fp16_vs_keras": fp16,
@@ -164,8 +164,8 @@ def export(options: ExportOptions) -> dict:
             log(f"TensorRT engine written: {version_dir / 'model.plan'}")
         except TensorRTUnavailable as error:
             tensorrt_error = str(error)
-    config = write_model_config(Path(options.repository), options.serving)
     report["decision"] = copy_decision(model_path.parent, model_dir)
+    config = write_model_config(Path(options.repository), options.serving)  # publishes the decision rule
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     log(f"repository written: {config} ({report['wall_seconds']}s)")

@@ -11,9 +11,10 @@ from cells.contract import (
     CHANNELS, CLASSES, DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, IMAGE_SIZE, INPUT_NAME, LABELS_FILE,
     MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME, write_labels,
 )
+from cells.decision import read_decision
+from cells.repository import CONFIG_FILE, model_dir, platform_of, version_dir
 
 KINDS = ("classifier", "detector")
-from cells.repository import CONFIG_FILE, model_dir, platform_of, version_dir
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ def _tensors(kind: str) -> tuple[list, list]:
             [pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[len(CLASSES)], label_filename=LABELS_FILE)])
 
 
-def build_config(params: ServingParameters, platform: str) -> pb.ModelConfig:
-    """The model's Triton configuration: the serving contract plus batching and placement."""
+def build_config(params: ServingParameters, platform: str, parameters: dict[str, str] | None = None) -> pb.ModelConfig:
+    """The model's Triton configuration: the serving contract plus batching and placement, and
+    `parameters` (the classifier's decision rule) for clients to read."""
     gpu = platform == "tensorrt_plan" or params.onnx_on_gpu
     inputs, outputs = _tensors(params.kind)
     preferred = [size for size in params.preferred_batch_sizes if size <= params.max_batch_size]
@@ -72,13 +74,17 @@ def build_config(params: ServingParameters, platform: str) -> pb.ModelConfig:
                 count=params.instance_count,
             )
         ],
+        parameters={key: pb.ModelParameter(string_value=value) for key, value in (parameters or {}).items()},
     )
 
 
 def write_model_config(repository: Path, params: ServingParameters) -> Path:
-    """Write config.pbtxt and labels for what the model's version directory holds now."""
-    config = build_config(params, platform_of(version_dir(repository, params.name)))
-    path = model_dir(repository, params.name) / CONFIG_FILE
+    """Write config.pbtxt and labels for what the model's version directory holds now; a classifier's
+    config carries the decision rule of its decision.json (or the 0.5 default)."""
+    folder = model_dir(repository, params.name)
+    parameters = read_decision(folder).triton_parameters() if params.kind == "classifier" else None
+    config = build_config(params, platform_of(version_dir(repository, params.name)), parameters)
+    path = folder / CONFIG_FILE
     path.write_text(text_format.MessageToString(config))
     if params.kind == "classifier":
         write_labels(path.parent)

@@ -1,8 +1,11 @@
 """Shared fixtures: the committed real NIH cells and smear fields."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,16 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "smearscope", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Children started inside inherit SIGINT ignored, as from `cmd &` in a script, `nohup` or CI."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

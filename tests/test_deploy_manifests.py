@@ -25,6 +25,11 @@ def test_triton_manifests_pass_the_kubernetes_schema():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    # The pod is SIGKILLed at the end of its grace period: it must cover the preStop sleep, Triton's
+    # wait for requests in flight and the unloading of its models.
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= pre_stop + exit_timeout + 5
     services = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "Service"}
     assert sorted(p["port"] for p in services["triton"]["ports"]) == [8000, 8001, 8002]
     assert services["triton-local"]["internalTrafficPolicy"] == "Local"  # the caller's own node only

@@ -44,6 +44,27 @@ def test_generated_config_parses_with_tritons_schema(tmp_path, filename, platfor
     assert config.version_policy.latest.num_versions == 1
 
 
+def test_the_config_publishes_the_decision_rule(tmp_path):
+    """A plain Triton client reads the threshold the batch job and the page use from the model's config."""
+    from cells.decision import DECISION_FILE, Decision
+
+    repository = _repository_with(tmp_path, "model.onnx")
+    write_model_config(repository, ServingParameters())
+    default = {k: v.string_value for k, v in read_model_config(repository / MODEL_NAME).parameters.items()}
+    assert float(default["decision_threshold"]) == 0.5 and "not validated" in default["decision_validated_on"]
+    labels, scores = np.array([1] * 1000 + [0] * 10), np.r_[np.linspace(0, 0.9, 1000), np.full(10, 0.95)]
+    decision = Decision.from_validation(labels, scores, 0.8537, "30 validation fields of iml-smears")
+    (repository / MODEL_NAME / DECISION_FILE).write_text(json.dumps(decision.to_json()))
+    write_model_config(repository, ServingParameters())
+    parameters = {k: v.string_value for k, v in read_model_config(repository / MODEL_NAME).parameters.items()}
+    assert float(parameters["decision_threshold"]) == 0.8537
+    assert CLASSES[int(parameters["decision_output_index"])] == parameters["decision_class"] == "Parasitized"
+    assert parameters["decision_validated_on"] == (
+        "chosen on 30 validation fields of iml-smears (1,000 uninfected and 10 infected cells)")
+    assert float(parameters["decision_false_positive_rate"]) == pytest.approx(0.051, abs=0.002)
+    assert decision.describe().startswith("p(parasitized) ≥ 0.854, chosen on 30 validation fields of iml-smears")
+
+
 def test_config_refuses_an_empty_version(tmp_path):
     (tmp_path / MODEL_NAME / "1").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no model.plan or model.onnx"):

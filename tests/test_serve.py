@@ -14,6 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from cells.contract import MODEL_NAME
+from cells.decision import read_decision
 from cells.runtime import OnnxModel
 from deploy.client import (
     ClientOptions,
@@ -24,7 +25,7 @@ from deploy.client import (
     classify,
 )
 from deploy.server import EmbeddedServer, free_port
-from tests.conftest import run_cli
+from tests.conftest import run_cli, sigint_ignored
 from train.data import list_samples, load_cells
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,8 @@ def test_sync_clients_health_metadata_config_and_metrics(server, crops, expected
         config = client.get_model_config(MODEL_NAME, as_json=True)["config"] if grpc else client.get_model_config(MODEL_NAME)
         assert int(config["max_batch_size"]) == 256
         assert config["dynamic_batching"]["preferred_batch_size"] == [16, 32, 64]
+        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        assert float(parameters["decision_threshold"]) == read_decision(server.repository / MODEL_NAME).threshold
         library = grpcclient if grpc else httpclient
         request = library.InferInput("image", [2, 128, 128, 3], "UINT8")
         request.set_data_from_numpy(crops[:2])
@@ -146,20 +149,21 @@ def test_contract_mismatch_fails_at_connect(server):
 
 def test_client_fails_over_from_a_killed_server(server, repository, crops, expected):
     with EmbeddedServer(repository) as doomed:
-        many = np.concatenate([crops] * 4)
+        many = np.concatenate([crops] * 20)  # seconds of work on any CPU: the kill lands mid-way
 
         async def run():
             options = ClientOptions((doomed.grpc_url, server.grpc_url), batch_size=4, max_in_flight=2, backoff_s=0.05)
             async with TritonModel(options) as classifier:
                 task = asyncio.create_task(classifier.classify(many))
                 await asyncio.sleep(0.3)
+                assert not task.done(), "the premise: the server is killed while crops are still being classified"
                 await asyncio.get_running_loop().run_in_executor(None, doomed.kill)
                 probabilities = await task
                 return probabilities, classifier
 
         probabilities, classifier = asyncio.run(run())
     assert probabilities.shape == (len(many), 2)
-    np.testing.assert_allclose(probabilities, np.concatenate([expected] * 4), atol=1e-5)
+    np.testing.assert_allclose(probabilities, np.concatenate([expected] * 20), atol=1e-5)
     assert classifier.retries_done >= 1
 
 
@@ -176,17 +180,43 @@ def _group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_shutdown_leaves_no_process_or_shared_memory(repository, signum):
-    running = EmbeddedServer(repository).start()
+def test_shutdown_is_prompt_and_leaves_no_process_or_shared_memory(repository, crops, signum):
+    """Started with SIGINT ignored (as from `cmd &` in a script), after serving over HTTP with the
+    connection kept alive (which held Triton's exit for its whole 30 s timeout), with a request in
+    flight: that request is answered or refused as unavailable, and the server is gone promptly."""
+    with sigint_ignored():
+        running = EmbeddedServer(repository).start()
     pid = running.process.pid
     assert list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
+    kept_alive = httpclient.InferenceServerClient(running.http_url)
+    batch = np.concatenate([crops] * 4)
+    http_input = httpclient.InferInput("image", list(batch.shape), "UINT8")
+    http_input.set_data_from_numpy(batch)
+    kept_alive.infer(MODEL_NAME, [http_input])
+    in_flight = grpcclient.InferenceServerClient(running.grpc_url)
+    grpc_input = grpcclient.InferInput("image", list(batch.shape), "UINT8")
+    grpc_input.set_data_from_numpy(batch)
+    outcomes = []
+    in_flight.async_infer(MODEL_NAME, [grpc_input], lambda result, error: outcomes.append(error or result))
+    time.sleep(0.1)
+    started = time.monotonic()
     running.process.send_signal(signum)
-    assert running.process.wait(30) == 0
+    assert running.process.wait(60) == 0
+    seconds = time.monotonic() - started
+    print(f"{signal.Signals(signum).name} to exit: {seconds:.2f} s")
+    assert seconds < 20, f"{seconds:.1f} s: the shutdown waited for the idle HTTP connection"
     deadline = time.monotonic() + 10  # children already told to exit may take a moment to be reaped
     while _group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(pid)
     assert not list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
+    (outcome,) = outcomes
+    if isinstance(outcome, InferenceServerException):
+        assert "UNAVAILABLE" in str(outcome.status()) or "stopping" in str(outcome), outcome
+    else:
+        assert outcome.as_numpy("probabilities").shape == (len(batch), 2)
+    kept_alive.close()
+    in_flight.close()
 
 
 def test_server_exits_when_its_launcher_is_killed(repository):

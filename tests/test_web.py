@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from cells.decision import CALLS
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import free_port
 from tests.cluster import stop_group
-from tests.conftest import FIXTURES, run_cli
+from tests.conftest import FIXTURES, run_cli, sigint_ignored
 
 pytestmark = pytest.mark.slow
 FIELD = FIXTURES / "smears" / "PA171691.JPG"
@@ -32,17 +33,16 @@ MAX_UPLOAD_MIB = 4
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    """`smearscope web` on a free loopback port; its TMPDIR watched for anything an upload leaves behind."""
-    spool = tmp_path_factory.mktemp("spool")
+def start_web(spool: Path) -> tuple[subprocess.Popen, str]:
+    """`smearscope web` on a free loopback port, started as from a script (SIGINT ignored), with TMPDIR `spool`."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "smearscope", "web", "--port", str(port), "--repository", str(DEFAULT_REPOSITORY),
-         "--max-upload-mib", str(MAX_UPLOAD_MIB)],
-        env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
+    with sigint_ignored():
+        process = subprocess.Popen(
+            [sys.executable, "-m", "smearscope", "web", "--port", str(port), "--repository", str(DEFAULT_REPOSITORY),
+             "--max-upload-mib", str(MAX_UPLOAD_MIB)],
+            env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -54,6 +54,14 @@ def web(tmp_path_factory):
     else:
         process.kill()
         pytest.fail(f"smearscope web did not start: {process.stdout.read()[-2000:]}")
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """The page's server; its TMPDIR watched for anything an upload leaves behind."""
+    spool = tmp_path_factory.mktemp("spool")
+    process, url = start_web(spool)
     yield url, spool
     stop_group(process)
 
@@ -196,7 +204,10 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         page.wait_for_function("document.querySelector('#total-call').textContent !== ''")
         assert page.inner_text("#total-call") == api["counts"]["call"]
         assert page.inner_text("#summary-rows tr td:nth-child(6)") == api["counts"]["call"]
-        assert "called Parasitized from p(parasitized)" in page.inner_text("#threshold-note")
+        info = httpx.get(f"{url}/api/info").json()
+        note = page.inner_text("#threshold-note")
+        assert f"called Parasitized from p(parasitized) ≥ {info['threshold']:.3f}, chosen on " in note
+        assert "/" not in note.split("chosen on")[1].split(".")[0]  # a data set's name and counts, not a path
         boxes = page.locator(".field-svg rect")
         assert boxes.count() == api["counts"]["cells"]
         boxes.nth(3).hover()
@@ -230,3 +241,20 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "web-page-tablet.png"), full_page=True)
         browser.close()
     print(f"upload to result in the browser: {seconds:.2f} s")
+
+
+def test_sigterm_answers_the_upload_in_flight_and_stops_everything(tmp_path):
+    process, url = start_web(tmp_path)
+    answers = []
+    in_flight = threading.Thread(target=lambda: answers.append(upload(url, FIELD.name, FIELD.read_bytes())))
+    in_flight.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    seconds = time.monotonic() - started
+    in_flight.join()
+    print(f"smearscope web, SIGTERM to exit: {seconds:.2f} s")
+    assert [a.status_code for a in answers] == [200]
+    assert seconds < 20  # not Triton's 30 s wait for connections (4-5 s measured: docs/performance.md)
+    assert subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).returncode == 1  # nothing left

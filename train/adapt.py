@@ -194,7 +194,7 @@ def adapt(config: AdaptConfig) -> dict:
     write_predictions(out / "val_predictions.csv", lab_val, p_lab[:, PARASITIZED])
     threshold = choose_threshold(lab_val.labels, p_lab[:, PARASITIZED], config.max_false_positive_rate)
     decision = Decision.from_validation(lab_val.labels, p_lab[:, PARASITIZED], threshold,
-                                        f"{len(set(lab_val.fields))} validation fields of {config.fields}")
+                                        f"{len(set(lab_val.fields))} validation fields of {Path(config.fields).resolve().parent.name}")
     (out / DECISION_FILE).write_text(json.dumps(decision.to_json(), indent=2))
     before = both_domains(load_predictor(Path(config.weights)), lab_val, nih_val)
     report = {

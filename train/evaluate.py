@@ -9,6 +9,7 @@ import numpy as np
 
 from cells.contract import CLASSES
 from cells.errors import BadInput, MissingInput
+from cells.repository import released_path
 from cells.runtime import OnnxModel, predict_in_batches
 from train.data import CellSet, list_samples, load_cells
 from train.metrics import classification_metrics
@@ -54,4 +55,4 @@ def evaluate(model_path: Path, data_dir: Path, out: Path) -> dict:
     """Metrics of a saved model on every image of a labelled folder."""
     predictor = load_predictor(model_path)
     cells = load_cells(list_samples(data_dir))
-    return write_evaluation(predictor, cells, out, extra={"model": str(model_path), "data": str(data_dir)})
+    return write_evaluation(predictor, cells, out, extra={"model": released_path(model_path), "data": released_path(data_dir)})

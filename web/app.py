@@ -170,6 +170,7 @@ def create_app(options: WebOptions) -> FastAPI:
             "cell_image_max_side": CELL_IMAGE_MAX_SIDE, "image_suffixes": sorted(IMAGE_SUFFIXES),
             "finder": state["settings"].finder,
             "threshold": options.decision.threshold, "threshold_validated_on": options.decision.validated_on,
+            "decision_rule": options.decision.describe(),
             "negative_below_pct": 100 * NEGATIVE_BELOW,
             "disclaimer": DISCLAIMER,
         }

@@ -14,26 +14,34 @@ DEFAULTS = WebOptions(triton_urls=())
 
 
 def _web(args: argparse.Namespace) -> int:
+    """Serve the page until SIGINT/SIGTERM (however the process was started): requests in flight are
+    answered, for at most `--shutdown-seconds`, then the embedded Triton stops."""
     import uvicorn
 
     from batch.field import decided
+    from cells.stopping import Interrupted, StopSignals
     from deploy.server import EmbeddedServer
     from web.app import create_app
 
-    server = None
+    stop = StopSignals().install()  # uvicorn handles signals while it serves, and hands them back after
     urls = tuple(args.triton_url or ())
-    if not urls:
-        server = EmbeddedServer(args.repository, threads=args.server_threads).start()
-        urls = (server.grpc_url if args.protocol == "grpc" else server.http_url,)
-        print(f"embedded Triton on {urls[0]} (models of {args.repository})", flush=True)
-    settings, decision = decided(field_settings(args), args.repository, MODEL_NAME)
-    options = WebOptions(
-        triton_urls=urls, protocol=args.protocol, settings=settings, decision=decision,
-        max_upload_bytes=int(args.max_upload_mib * MIB), workers=args.workers, max_queued=args.max_queued,
-    )
+    server = None if urls else EmbeddedServer(args.repository, threads=args.server_threads)
     try:
-        print(f"smearscope web on http://{args.host}:{args.port}/", flush=True)
-        uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="warning")
+        with stop.raising():
+            if server is not None:
+                server.start()
+                urls = (server.grpc_url if args.protocol == "grpc" else server.http_url,)
+                print(f"embedded Triton on {urls[0]} (models of {args.repository})", flush=True)
+            settings, decision = decided(field_settings(args), args.repository, MODEL_NAME)
+            options = WebOptions(
+                triton_urls=urls, protocol=args.protocol, settings=settings, decision=decision,
+                max_upload_bytes=int(args.max_upload_mib * MIB), workers=args.workers, max_queued=args.max_queued,
+            )
+            print(f"smearscope web on http://{args.host}:{args.port}/", flush=True)
+        uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.shutdown_seconds)
+    except Interrupted:
+        pass
     finally:
         if server is not None:
             server.stop()
@@ -50,6 +58,8 @@ def configure_web(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mib", type=float, default=DEFAULTS.max_upload_bytes / MIB, help="larger uploads are refused (413)")
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers, help="fields analysed at once; others wait their turn")
     parser.add_argument("--max-queued", type=int, default=DEFAULTS.max_queued, help="fields waiting beyond which requests get 503")
+    parser.add_argument("--shutdown-seconds", type=int, default=DEFAULTS.shutdown_seconds,
+                        help="on SIGINT/SIGTERM, how long requests in flight may take before they are cancelled")
     add_field_flags(parser, DEFAULTS.settings)
     parser.set_defaults(handler=_web)
 

@@ -20,3 +20,4 @@ class WebOptions:
     max_upload_bytes: int = 32 * MIB
     workers: int = 2  # fields analysed at once; more requests wait their turn
     max_queued: int = 32  # requests waiting beyond which the server answers 503 (retry later)
+    shutdown_seconds: int = 3  # on a stop signal, how long requests in flight may still take

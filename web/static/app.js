@@ -11,8 +11,7 @@ async function start() {
   const response = await fetch("/api/info");
   state.info = await response.json();
   $("disclaimer").textContent = state.info.disclaimer;
-  $("threshold-note").textContent = `A cell is called Parasitized from p(parasitized) ≥ ${state.info.threshold}` +
-    (state.info.threshold_validated_on ? ` (chosen on ${state.info.threshold_validated_on}).` : ".") +
+  $("threshold-note").textContent = `A cell is called Parasitized from ${state.info.decision_rule}.` +
     " A field or total is positive only when its share of Parasitized cells is clearly above the model's " +
     `false-positive rate, negative only when it is clearly below what a ${state.info.negative_below_pct} % ` +
     "parasitemia would give.";
