@@ -1,6 +1,8 @@
 """The batch job end to end: real local Ray, real embedded Triton, real fixture fields."""
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cells.contract import MODEL_NAME
-from tests.cluster import BIN, LocalCluster
+from tests.cluster import LocalCluster
 from tests.conftest import FIXTURES, check_consistent, result_tables, run_cli
 
 pytestmark = pytest.mark.slow
@@ -162,23 +164,47 @@ def test_nothing_processable_exits_nonzero(tmp_path, repository):
     assert missing.returncode != 0 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_ray_job_submit_against_a_head_node(server, tmp_path):
-    """A real `ray start --head` with its dashboard, and `ray job submit` as the design card has it."""
-    output = tmp_path / "out"
+def documented(command: str, **replace: str) -> list[str]:
+    """The line of docs/usage.md that starts with `command`, as a shell splits it, placeholders replaced."""
+    line = next(line for line in (ROOT / "docs" / "usage.md").read_text().splitlines() if line.startswith(command))
+    return [replace.get(word, word) for word in shlex.split(line.split("  #")[0])]
+
+
+def test_ray_job_submit_and_stop_as_documented(server, tmp_path):
+    """A real `ray start --head` with its dashboard and the project's environment first on PATH, as
+    docs/usage.md says to start it; `ray job submit` and `ray job stop` exactly as written there."""
+    output, stopped = tmp_path / "out", tmp_path / "stopped"
+    many = tmp_path / "many"
+    many.mkdir()
+    for copy in range(8):
+        for field in sorted(FIELDS.glob("*.JPG")):
+            shutil.copy(field, many / f"{copy}-{field.name}")
     with LocalCluster(dashboard=True) as cluster:
-        ray = str(BIN / "ray")
-        submit = subprocess.run(
-            [ray, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", "smearscope-test",
-             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
-             "--", "python", "batch/run.py", "--input", str(FIELDS), "--output", str(output),
-             "--triton-url", server.grpc_url],
-            env=cluster.env, capture_output=True, text=True, timeout=600,
-        )
+        def ray(*words: str, timeout: float = 600) -> subprocess.CompletedProcess:
+            return subprocess.run(words, env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+        places = {"http://HEAD:8265": cluster.dashboard_url, "HOST:8001": server.grpc_url}
+        submit = ray(*documented("ray job submit", **places, **{"/data/smears": str(FIELDS), "/data/results": str(output)}))
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
-        status = subprocess.run([ray, "job", "status", "--address", cluster.dashboard_url, "smearscope-test"],
-                                env=cluster.env, capture_output=True, text=True, timeout=60)
-        assert "Job 'smearscope-test' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
+        job = re.search(r"Job '(\S+)' submitted successfully", submit.stdout).group(1)
+        status = ray("ray", "job", "status", "--address", cluster.dashboard_url, job, timeout=60)
+        assert f"Job '{job}' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
         assert "slides of" in submit.stdout  # the job's own summary line, streamed from its logs
+
+        words = documented("ray job submit", **places, **{"/data/smears": str(many), "/data/results": str(stopped)})
+        running = ray(*words[:3], "--no-wait", *words[3:])  # the same job, not waited for
+        job = re.search(r"Job '(\S+)' submitted successfully", running.stdout).group(1)
+        deadline = time.monotonic() + 300
+        while len(list((stopped / "parts").glob("*.json"))) < 2:
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.05)
+        stop = ray(*documented("ray job stop", **places, JOB_ID=job), timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        logs = ray("ray", "job", "logs", "--address", cluster.dashboard_url, job, timeout=60).stdout
+    finished = len(list((stopped / "parts").glob("*.json")))
+    assert finished < 24, "the premise: the job was stopped mid-way"
+    assert f"interrupted: {finished} of" in logs, logs[-2000:]  # stopped by its own handler, not SIGKILL
+    assert not (stopped / "cells.parquet").exists() and not list((stopped / "parts").glob(".tmp-*"))
     _, slides = check_consistent(output)
     assert len(slides) == len(list(FIELDS.glob("*.JPG"))) and all(s["status"] == "ok" for s in slides)
     report = json.loads((output / "run.json").read_text())

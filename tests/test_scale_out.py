@@ -22,6 +22,7 @@ from tests.conftest import FIXTURES, check_consistent
 
 pytestmark = pytest.mark.slow
 COPIES = 4  # 3 fixture fields x 4 = 12 slides: long enough to interrupt, short enough for CI
+INTERRUPTED_COPIES = 8  # 24 slides for the interrupted driver: at most 2 a CPU are in flight
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +154,46 @@ def test_a_killed_worker_node_has_its_slides_retried_elsewhere(cluster, servers,
     assert by_slide(output) == clean[2]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
-def test_an_interrupted_driver_resumes(cluster, servers, slides, clean, tmp_path, signum):
+@pytest.fixture(scope="module")
+def many_slides(tmp_path_factory) -> Path:
+    """Twice the clean run's slides: far more than are in flight when the driver is signalled."""
+    folder = tmp_path_factory.mktemp("many")
+    for copy in range(INTERRUPTED_COPIES):
+        for field in sorted((FIXTURES / "smears").glob("*.JPG")):
+            shutil.copy(field, folder / f"{copy}-{field.name}")
+    return folder
+
+
+@pytest.mark.parametrize("signum,sigint", [(signal.SIGINT, "ignored"), (signal.SIGINT, "default"),
+                                           (signal.SIGTERM, "default"), (signal.SIGKILL, "default")])
+def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, many_slides, clean, tmp_path, signum, sigint):
+    """SIGINT or SIGTERM, with SIGINT inherited ignored (`cmd &` in a script, nohup, CI) or not: the
+    driver abandons the slides in flight, says how far it got and exits 130/143, leaving only whole
+    parts and no tables; SIGKILL leaves whole parts too. The rerun finishes the rest, equal to a clean run."""
     output = tmp_path / "out"
-    job = start_job(cluster, slides, output, [servers[0].grpc_url])
+    disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
+    job = subprocess.Popen(command(cluster, many_slides, output, [servers[0].grpc_url]), env=cluster.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     wait_for_parts(output, 2, job)
+    started = time.monotonic()
     os.killpg(job.pid, signum)
-    job.communicate(timeout=120)
+    printed, _ = job.communicate(timeout=120)
+    seconds = time.monotonic() - started
     finished = len(list((output / "parts").glob("*.json")))
-    assert 2 <= finished < 3 * COPIES, "the run was not interrupted mid-way"
-    report = run_job(cluster, slides, output, [servers[0].grpc_url])
+    total = 3 * INTERRUPTED_COPIES
+    assert 2 <= finished < total, "the run was not interrupted mid-way"
+    assert not list((output / "parts").glob(".tmp-*")) and not (output / "cells.parquet").exists()
+    assert not (output / "run.json").exists()
+    if signum != signal.SIGKILL:
+        assert job.returncode == 128 + signum, printed[-2000:]
+        assert f"interrupted: {finished} of " in printed and "rerun the same command to resume" in printed
+        print(f"{signal.Signals(signum).name} (SIGINT {sigint}) to exit: {seconds:.2f} s, {finished} of {total} done")
+        assert seconds < 60, "the driver did not stop promptly"
+    report = run_job(cluster, many_slides, output, [servers[0].grpc_url])
     assert report["fields_skipped_as_finished"] == finished
-    assert report["fields_processed_this_run"] == 3 * COPIES - finished
-    assert by_slide(output) == clean[2]
+    assert report["fields_processed_this_run"] == total - finished
+    resumed = by_slide(output)
+    assert len(resumed) == total
+    for name, row in resumed.items():  # each copy as the clean run's first copy of the same field
+        assert row == clean[2]["0-" + name.split("-", 1)[1]], name

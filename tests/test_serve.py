@@ -327,7 +327,7 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
         idle = peak
 
         async def one_client(index: int) -> tuple[np.ndarray, int]:
-            options = ClientOptions((running.grpc_url,), batch_size=16, max_in_flight=1, backoff_s=0.05, retries=10)
+            options = ClientOptions((running.grpc_url,), batch_size=16, max_in_flight=1, backoff_s=0.05, retries=30)
             async with TritonModel(options) as classifier:
                 return await classifier.classify(crops[index % 8 : index % 8 + 16]), classifier.retries_done
 
