@@ -1,4 +1,4 @@
-"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench serve`."""
+"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|serve|shutdown`."""
 from __future__ import annotations
 
 import argparse
@@ -57,8 +57,28 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_batch)
 
 
+def _bench_shutdown(args: argparse.Namespace) -> int:
+    from bench.shutdown import ShutdownBenchOptions, bench_shutdown
+
+    bench_shutdown(ShutdownBenchOptions(fields=args.fields, out=args.out, repeats=args.repeats, cases=tuple(args.cases)))
+    return 0
+
+
+def _configure_shutdown(parser: argparse.ArgumentParser) -> None:
+    from bench.shutdown import CASES, ShutdownBenchOptions
+
+    defaults = ShutdownBenchOptions
+    parser.add_argument("--fields", type=Path, default=defaults.fields, help="smear fields to upload and to run on")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="runs of each case")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="what to start and stop")
+    parser.set_defaults(handler=_bench_shutdown)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     benches = add_group(commands, "bench", "throughput benchmarks (numbers, not pass/fail)")
     add_command(benches, "batch", "the end-to-end job beside the bare models and the tutorial loop, on real fields",
                 _configure_batch)
     add_command(benches, "serve", "embedded Triton: img/s and latency over protocol x batch x concurrency", _configure_serve)
+    add_command(benches, "shutdown", "seconds from SIGTERM to exit: serve, web and run, started in the background",
+                _configure_shutdown)

@@ -41,3 +41,12 @@ def test_bench_batch_sets_the_job_beside_the_bare_models(repository, tmp_path):
     assert set(report["ratios"]) == set(report["targets"]) and report["cpu"]
     table = out.with_suffix(".md").read_text()
     assert "| job_vs_shipped |" in table and "smearscope run" in table
+
+
+def test_bench_shutdown_times_a_signalled_server(tmp_path):
+    out = tmp_path / "shutdown.json"
+    result = run_cli("bench", "shutdown", "--out", str(out), "--repeats", "1", "--cases", "serve-idle", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]["serve-idle"]
+    assert run["exit_code"] == 0 and run["seconds"] > 0 and report["cpu"]
