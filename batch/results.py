@@ -138,6 +138,9 @@ def atomic_write(path: Path, text: str | bytes) -> None:
 
 
 def write_part(output: Path, key: str, result: FieldResult) -> None:
+    """The field's part, whole or not at all; written by the worker that analysed it (or by the
+    driver for a field no worker could). Written again with the same content if a retried task
+    finishes twice: one file per field either way."""
     atomic_write(output / PARTS / f"{key}.json", json.dumps(asdict(result)))
 
 
@@ -145,50 +148,52 @@ def finished_keys(output: Path) -> set[str]:
     return {p.stem for p in (output / PARTS).glob("*.json")}
 
 
-def read_parts(output: Path) -> list[FieldResult]:
-    return [FieldResult(**json.loads(p.read_text())) for p in sorted((output / PARTS).glob("*.json"))]
+def read_part(path: Path) -> FieldResult:
+    return FieldResult(**json.loads(path.read_text()))
 
 
 @dataclass(frozen=True)
 class Tables:
     slides: list[dict]
     fields: list[dict]
-    cell_rows: list[dict]
-
-    @property
-    def cells(self) -> int:
-        return len(self.cell_rows)
+    cells: int
 
 
-def write_tables(output: Path, results: list[FieldResult], slide_of: Callable[[str], str] = str,
-                 min_cells: int = MIN_CELLS, expected: dict[str, int] | None = None,
-                 decision: Decision = Decision()) -> Tables:
-    """cells.parquet, fields.parquet/.csv and slides.parquet/.csv from every part, each field in the
-    slide `slide_of(field id)` names (default: its own); `expected`: fields each slide should have;
-    `decision`: the model's, for each slide's call."""
+def write_tables(output: Path, slide_of: Callable[[str], str] = str, min_cells: int = MIN_CELLS,
+                 expected: dict[str, int] | None = None, decision: Decision = Decision(),
+                 tidy: Callable[[list[FieldResult]], list[FieldResult]] | None = None) -> Tables:
+    """cells.parquet, fields.parquet/.csv and slides.parquet/.csv from every part in `output`, each
+    field in the slide `slide_of(field id)` names (default: its own); `expected`: fields each slide
+    should have; `decision`: the model's, for each slide's call; `tidy`: applied to each slide's
+    fields before they are counted (whole-slide seams). Streamed a slide at a time: memory holds the
+    field rows and one slide's cells, whatever the run's size."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    by_slide: dict[str, list[FieldResult]] = {}
-    for result in sorted(results, key=lambda r: r.field):
-        by_slide.setdefault(slide_of(result.field), []).append(result)
-    field_rows, cell_rows = [], []
-    for slide in sorted(by_slide):
-        for result in by_slide[slide]:
-            row, cells = result.table_rows(slide)
-            field_rows.append(row)
-            cell_rows.extend(cells)
+    by_slide: dict[str, list[tuple[str, Path]]] = {}
+    for path in (output / PARTS).glob("*.json"):
+        field_id = json.loads(path.read_text())["field"]
+        by_slide.setdefault(slide_of(field_id), []).append((field_id, path))
     expected = expected or {}
-    slide_rows = [slide_row(slide, by_slide[slide], min_cells, expected.get(slide), decision) for slide in sorted(by_slide)]
     types = {"slide": pa.string(), "field": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
     cell_schema = pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS])
-    tables = {"cells": pa.Table.from_pylist(cell_rows, schema=cell_schema), "fields": pa.Table.from_pylist(field_rows),
-              "slides": pa.Table.from_pylist(slide_rows)}
-    for name, table in tables.items():
+    field_rows, slide_rows, cells = [], [], 0
+    with atomic_path(output / "cells.parquet") as temporary, pq.ParquetWriter(temporary, cell_schema) as writer:
+        for slide in sorted(by_slide):
+            results = [read_part(path) for _, path in sorted(by_slide[slide])]
+            results = tidy(results) if tidy else results
+            for result in results:
+                row, cell_rows = result.table_rows(slide)
+                field_rows.append(row)
+                if cell_rows:
+                    writer.write_table(pa.Table.from_pylist(cell_rows, schema=cell_schema))
+                    cells += len(cell_rows)
+            slide_rows.append(slide_row(slide, results, min_cells, expected.get(slide), decision))
+    for name, rows in (("fields", field_rows), ("slides", slide_rows)):
+        table = pa.Table.from_pylist(rows)
         with atomic_path(output / f"{name}.parquet") as temporary:
             pq.write_table(table, temporary)
-        if name != "cells":
-            with atomic_path(output / f"{name}.csv") as temporary:
-                pa.csv.write_csv(table, temporary)
-    return Tables(slide_rows, field_rows, cell_rows)
+        with atomic_path(output / f"{name}.csv") as temporary:
+            pa.csv.write_csv(table, temporary)
+    return Tables(slide_rows, field_rows, cells)

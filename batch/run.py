@@ -2,8 +2,10 @@
 
 One Ray task per slide (batch/workers.py) takes it whole: decode, find cells, crop, stain and
 classify through the worker's own Triton client (batch/field.py, the function the web page uses
-too). The driver only schedules slides with bounded concurrency and writes each
-slide's result atomically as it arrives: a resumed run skips finished slides, so each is written once.
+too), and writes the slide's part to the output atomically. The driver only plans, schedules
+slides with bounded concurrency and counts what comes back (a few numbers a slide, not its cells);
+a resumed run skips slides whose part exists, so each is written once. The tables are assembled
+from the parts at the end, a slide at a time.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, slide_na
 from batch.overlay import overlay_path  # noqa: E402
 from batch.grouping import Grouping  # noqa: E402
 from batch.results import (  # noqa: E402
-    MIN_CELLS, atomic_path, atomic_write, failed, finished_keys, read_parts, write_part, write_tables,
+    MIN_CELLS, Tables, atomic_path, atomic_write, failed, finished_keys, write_part, write_tables,
 )
 from batch.wsi import Tile, deduplicate_seams, plan, slide_of_tile  # noqa: E402
 from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
@@ -129,7 +131,7 @@ class Placement:
         self.bytes_received += len(pickle.dumps(outcome))
         node = self.nodes.setdefault(outcome.node_id, {"address": outcome.node_address, "slides": 0, "cells": 0})
         node["slides"] += 1
-        node["cells"] += outcome.result.cells if outcome.result else 0
+        node["cells"] += outcome.cells
         self.tally.add(outcome.tally)
 
     def report(self, cells: int) -> dict:
@@ -168,29 +170,28 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
     options_ref, settings_ref = ray.put(client_options), ray.put(settings)
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
     gate = asyncio.Semaphore(options.max_pending or max(2, int(2 * cpus / options.worker_cpus)))
-    output = options.output
+    output = options.output.resolve()  # the workers write there: the same path on every node
     done = set() if options.overwrite else finished_keys(output)
     placement = Placement()
     model_versions: set[str] = set()
 
     async def handle(slide: Slide | Tile, unit_settings: FieldSettings) -> None:
+        """One field or tile: its worker writes its part; the driver writes one only when no worker could."""
+        result = None
         try:
             if slide.error:
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
                 unit_ref = settings_ref if unit_settings is settings else unit_settings
-                outcome = await analyse.remote(slide, options_ref, unit_ref, options.overlays, options.max_bytes)
+                outcome = await analyse.remote(slide, options_ref, unit_ref, options.overlays, options.max_bytes,
+                                               output)
                 placement.add(outcome)
                 if outcome.lost:
                     print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)
                     progress.add(0, lost=True)
-                    return
-                result = outcome.result
-                model_versions.add(outcome.model_version)
-                if outcome.overlay_png is not None:
-                    path = overlay_path(output, slide)
-                    atomic_write(path, outcome.overlay_png)
-                    result.overlay = str(path.relative_to(output))
+                else:
+                    model_versions.add(outcome.model_version)
+                    progress.add(outcome.cells, error=outcome.error)
         except RayTaskError as error:  # a bug in the worker's code: this slide fails, not the run
             result = failed(slide.slide_id, slide.source, f"internal error: {describe(error.cause or error, 160)}")
         except RayError as error:  # its worker or node died on every try
@@ -199,8 +200,9 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
                             f"worker lost {WORKER_RETRIES + 1} times processing it: {describe(error, 120)}")
         finally:
             gate.release()
-        write_part(output, slide.key, result)
-        progress.add(result.cells, error=result.status == "error")
+        if result is not None:
+            write_part(output, slide.key, result)
+            progress.add(0, error=True)
 
     tasks = []
     for item in iter_slides(options.inputs, options.max_bytes):
@@ -233,20 +235,19 @@ def _start_ray(address: str | None) -> None:
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
 
 
-def write_overviews(output: Path, tables) -> dict[str, str]:
+def write_overviews(output: Path, tables: Tables) -> dict[str, str]:
     """For each whole-slide image, a downsampled PNG with its cells drawn; {slide: path in output}."""
+    import pyarrow.parquet as pq
     from PIL import Image
 
     from batch.wsi import overview
 
-    cells: dict[str, list[dict]] = {}
-    for row in tables.cell_rows:
-        cells.setdefault(row["slide"], []).append(row)
     written = {}
-    for slide in {row["slide"] for row in tables.fields if slide_of_tile(row["field"])}:
+    for slide in sorted({row["slide"] for row in tables.fields if slide_of_tile(row["field"])}):
+        cells = pq.read_table(output / "cells.parquet", filters=[("slide", "=", slide)]).to_pylist()
         path = overlay_path(output, Slide(slide, slide))
         with atomic_path(path) as temporary:
-            Image.fromarray(overview(slide, cells.get(slide, []))).save(temporary, format="PNG")
+            Image.fromarray(overview(slide, cells)).save(temporary, format="PNG")
         written[slide] = str(path.relative_to(output))
     return written
 
@@ -318,12 +319,11 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
         if server is not None:
             server.stop()
     with stop.raising():
-        results = deduplicate_seams(read_parts(options.output))
-        tables = write_tables(options.output, results, options.grouping.slide_of, options.min_cells,
-                              progress.expected, decision)
+        tables = write_tables(options.output, options.grouping.slide_of, options.min_cells, progress.expected, decision,
+                              tidy=deduplicate_seams)
         overviews = write_overviews(options.output, tables) if options.overlays else {}
         wall = time.monotonic() - started
-        fields, ok = len(results), sum(r.status == "ok" for r in results)
+        fields, ok = len(tables.fields), sum(row["status"] == "ok" for row in tables.fields)
         report = {
             "inputs": options.inputs,
             "output": str(options.output),

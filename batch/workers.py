@@ -1,8 +1,10 @@
 """The batch job's Ray task: one slide end to end on a worker, classified through the worker's own Triton client.
 
-The driver sends a slide (a path, or an archive member's bytes) and gets back its result rows: tens
-of bytes a cell, so neither the crops nor Triton's traffic pass through the driver. A task whose
-worker process or node dies is rerun by Ray on whichever node has a free CPU.
+The driver sends a slide (a path, or an archive member's bytes); the worker analyses it, writes its
+part (and overlay) to the output itself, atomically, and returns only a few numbers: neither the
+crops, nor Triton's traffic, nor the cells pass through the driver. A task whose worker process or
+node dies is rerun by Ray on whichever node has a free CPU; a part written by a task that is then
+rerun is written again whole, with the same content.
 
 Each worker process keeps one asyncio loop in a background thread and one connected client per
 set of options on it, so a slide pays no connection set-up after the process's first.
@@ -12,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
 from batch.field import FieldSettings, detector_options
 from batch.inputs import Slide, TooLarge, read_file
-from batch.results import FieldResult, failed
+from batch.overlay import overlay_path
+from batch.results import FieldResult, atomic_write, failed, write_part
 from batch.wsi import Tile, read_region
 from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
 
@@ -27,13 +31,14 @@ NODE_PLACEHOLDER = "{node}"  # in a Triton URL: the address of the node the work
 
 @dataclass
 class Outcome:
-    """One slide as a worker finished it; `lost` is set when no server took its cells (not the slide's fault)."""
+    """One slide as a worker finished it, its part written: its counts, where it ran, the requests per
+    server. `lost` is set (and no part written) when no server took its cells (not the slide's fault)."""
 
-    result: FieldResult | None
     node_id: str
     node_address: str
+    cells: int = 0
+    error: bool = False
     model_version: str = ""
-    overlay_png: bytes | None = None
     lost: str = ""
     tally: RequestTally = field(default_factory=RequestTally)
 
@@ -74,7 +79,8 @@ def _read(work: Slide | Tile, max_bytes: int) -> bytes | np.ndarray:
 
 
 async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSettings, overlays: bool, max_bytes: int,
-                   outcome: Outcome) -> Outcome:
+                   outcome: Outcome) -> tuple[FieldResult | None, bytes | None]:
+    """The field's result (None when lost) and its overlay PNG when asked for."""
     from batch.field import analyse_field, analyse_image
     from deploy.client import InferenceRejected, ServersUnavailable
 
@@ -82,11 +88,9 @@ async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSe
     try:
         data = await asyncio.to_thread(_read, work, max_bytes)
     except TooLarge as error:
-        outcome.result = failed(field_id, source, f"file {error}")
-        return outcome
+        return failed(field_id, source, f"file {error}"), None
     except (OSError, ValueError) as error:  # tifffile reports a damaged tile as a ValueError
-        outcome.result = failed(field_id, source, f"unreadable file: {getattr(error, 'strerror', None) or error}")
-        return outcome
+        return failed(field_id, source, f"unreadable file: {getattr(error, 'strerror', None) or error}"), None
     try:
         classifier = await _connected(options, CLASSIFIER)
         detector = None
@@ -102,23 +106,33 @@ async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSe
                                            keep_image=overlays, tally=outcome.tally, detector=detector)
     except (InferenceRejected, ServersUnavailable) as error:
         outcome.lost = str(error)
-        return outcome
-    outcome.result, outcome.model_version = analysed.result, classifier.model_version
+        return None, None
+    outcome.model_version = classifier.model_version
     if overlays and analysed.result.status == "ok" and analysed.image is not None:
-        outcome.overlay_png = analysed.overlay_png()
-    return outcome
+        return analysed.result, analysed.overlay_png()
+    return analysed.result, None
 
 
 def analyse_slide(work: Slide | Tile, options: ClientOptions, settings: FieldSettings, overlays: bool,
-                  max_bytes: int) -> Outcome:
-    """The Ray task's body: the Outcome of one field (an image) or one tile of a whole-slide
-    image, computed on the worker's client loop."""
+                  max_bytes: int, output: Path) -> Outcome:
+    """The Ray task's body: one field (an image) or one tile of a whole-slide image analysed on the
+    worker's client loop, its overlay and part written to `output` (an absolute path every node sees)."""
     import ray
 
     address = ray.util.get_node_ip_address()
-    outcome = Outcome(None, ray.get_runtime_context().get_node_id(), address)
+    outcome = Outcome(ray.get_runtime_context().get_node_id(), address)
     options = replace(options, urls=node_urls(options.urls, address))
-    return asyncio.run_coroutine_threadsafe(_analyse(work, options, settings, overlays, max_bytes, outcome), _client_loop()).result()
+    result, overlay_png = asyncio.run_coroutine_threadsafe(
+        _analyse(work, options, settings, overlays, max_bytes, outcome), _client_loop()).result()
+    if result is None:
+        return outcome
+    if overlay_png is not None:
+        path = overlay_path(output, work)
+        atomic_write(path, overlay_png)
+        result.overlay = str(path.relative_to(output))
+    write_part(output, work.key, result)
+    outcome.cells, outcome.error = result.cells, result.status == "error"
+    return outcome
 
 
 def remote_analyse_slide(cpus: float = 1.0):

@@ -1,4 +1,4 @@
-"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|serve|shutdown`."""
+"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown`."""
 from __future__ import annotations
 
 import argparse
@@ -75,10 +75,33 @@ def _configure_shutdown(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_shutdown)
 
 
+def _bench_feed(args: argparse.Namespace) -> int:
+    from bench.feed import FeedBenchOptions, bench_feed
+
+    bench_feed(FeedBenchOptions(fields=args.fields, repository=args.repository, out=args.out, distinct=args.distinct,
+                                total=args.total))
+    return 0
+
+
+def _configure_feed(parser: argparse.ArgumentParser) -> None:
+    from bench.feed import FeedBenchOptions
+
+    defaults = FeedBenchOptions
+    parser.add_argument("--fields", type=Path, default=defaults.fields, help="folder of real smear fields (one size)")
+    parser.add_argument("--repository", type=Path, default=defaults.repository,
+                        help="repository whose configs and detector (recorded on the fields) the stand-ins take")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
+    parser.add_argument("--distinct", type=int, default=defaults.distinct, help="distinct fields, in name order")
+    parser.add_argument("--total", type=int, default=defaults.total, help="fields the job runs: copies of the distinct ones")
+    parser.set_defaults(handler=_bench_feed)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     benches = add_group(commands, "bench", "throughput benchmarks (numbers, not pass/fail)")
     add_command(benches, "batch", "the end-to-end job beside the bare models and the tutorial loop, on real fields",
                 _configure_batch)
     add_command(benches, "serve", "embedded Triton: img/s and latency over protocol x batch x concurrency", _configure_serve)
+    add_command(benches, "feed", "the pipeline around the models: the job with stand-in models, core-ms per cell",
+                _configure_feed)
     add_command(benches, "shutdown", "seconds from SIGTERM to exit: serve, web and run, started in the background",
                 _configure_shutdown)

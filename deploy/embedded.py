@@ -118,8 +118,8 @@ def _bind(triton, name: str, onnx: Path, config, threads: int) -> None:
         strict=True,
     )
     # The config's parameters (the classifier's decision rule) for clients to read. PyTriton 0.7 has no
-    # public way to set them; its model caches the Triton config it writes at run(), so add them there
-    # (tests/test_serve.py reads them back from the running server).
+    # public way to set them; its model keeps the Triton config it sends when Triton starts (`run()`,
+    # serve's lifecycle policy), so add them to that (tests/test_serve.py reads them back).
     served = next(model for model in triton._model_manager.models if model.model_name == name)
     served._get_triton_model_config().backend_parameters.update(
         {key: value.string_value for key, value in config.parameters.items()})
@@ -128,7 +128,7 @@ def _bind(triton, name: str, onnx: Path, config, threads: int) -> None:
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     """Start Triton with every model asked for, print the URLs when ready, and block until
     SIGINT/SIGTERM or `stop` is set."""
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
 
     models = {name: servable_onnx(options.repository, name) for name in model_names(options)}
     for port in (options.http_port, options.grpc_port, options.metrics_port):
@@ -150,7 +150,9 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         exit_timeout_secs=2,
     )
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
-    with Triton(config=triton_config, security_config=security) as triton:
+    # Models are bound first and Triton started with them all by run(): each loads once, with its full config.
+    lifecycle = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=False)
+    with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
         for name, (onnx, config) in models.items():
             _bind(triton, name, onnx, config, options.threads)
         triton.run()

@@ -50,3 +50,15 @@ def test_bench_shutdown_times_a_signalled_server(tmp_path):
     report = json.loads(out.read_text())
     (run,) = report["runs"]["serve-idle"]
     assert run["exit_code"] == 0 and run["seconds"] > 0 and report["cpu"]
+
+
+def test_bench_feed_reports_the_pipeline_around_stand_in_models(tmp_path):
+    out = tmp_path / "feed.json"
+    result = run_cli("bench", "feed", "--fields", str(FIXTURES / "smears"), "--out", str(out), "--distinct", "3",
+                     "--total", "6", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("cpu", "cores", "feed_core_ms_per_cell", "driver_us_per_cell", "driver_bytes_per_cell", "busy_cores",
+                "core_ms_per_cell_by_process", "stages_core_ms_per_cell"):
+        assert report[key], key
+    assert report["fields"] == 6 and report["cells"] > 0

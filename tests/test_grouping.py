@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.grouping import grouping
-from batch.results import SLIDE_COLUMNS, FieldResult, failed, slide_row, write_tables
+from batch.results import SLIDE_COLUMNS, FieldResult, failed, slide_row, write_part, write_tables
 from cells.errors import BadInput, MissingInput
 from cells.stats import wilson_interval
 
@@ -55,7 +55,9 @@ def _field(name: str, cells: int, parasitized: int) -> FieldResult:
 def test_a_slide_with_one_bad_field_keeps_the_others_and_says_so(tmp_path):
     results = [_field("/s1/a.jpg", 1200, 12), _field("/s1/b.jpg", 900, 9), failed("/s1/c.jpg", "/s1/c.jpg", "corrupt or truncated image"),
                _field("/s2/d.jpg", 300, 0)]
-    tables = write_tables(tmp_path, results, grouping("folder").slide_of, min_cells=2000)
+    for index, result in enumerate(results):
+        write_part(tmp_path, f"part{index}", result)
+    tables = write_tables(tmp_path, grouping("folder").slide_of, min_cells=2000)
     slides = {row["slide"]: row for row in pq.read_table(tmp_path / "slides.parquet").to_pylist()}
     assert list(pq.read_table(tmp_path / "slides.parquet").column_names) == list(SLIDE_COLUMNS)
     one, two = slides["/s1"], slides["/s2"]
