@@ -1,6 +1,7 @@
 """Shared fixtures: the committed real NIH cells and smear fields."""
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,15 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "smearscope", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def fixture_copies(folder: Path, copies: int) -> Path:
+    """`folder` holding `copies` copies of the three fixture fields, named `<copy>-<field>`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for copy in range(copies):
+        for field in sorted((FIXTURES / "smears").glob("*.JPG")):
+            shutil.copy(field, folder / f"{copy}-{field.name}")
+    return folder
 
 
 @contextmanager

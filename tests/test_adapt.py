@@ -2,7 +2,6 @@
 import of the released ONNX model, the decision rule and a short real `smearscope adapt` run."""
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,7 +15,7 @@ import pytest
 
 from cells.contract import MODEL_NAME
 from tests.cluster import LocalCluster
-from tests.conftest import FIXTURES, check_consistent, result_tables, run_cli
+from tests.conftest import FIXTURES, check_consistent, fixture_copies, result_tables, run_cli
 
 pytestmark = pytest.mark.slow
 FIELDS = FIXTURES / "smears"
@@ -130,11 +130,7 @@ def test_the_threshold_stored_with_the_model_labels_the_cells(embedded_run, repo
 
 
 def test_resume_after_a_killed_run(inputs, repository, tmp_path):
-    many = tmp_path / "many"
-    many.mkdir()
-    for copy in range(4):
-        for field in sorted(FIELDS.glob("*.JPG")):
-            shutil.copy(field, many / f"{copy}-{field.name}")
+    many = fixture_copies(tmp_path / "many", 4)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "smearscope", "run", "--input", str(many), "--output", str(output),
                "--repository", str(repository), "--max-pending", "1"]
@@ -174,11 +170,7 @@ def test_ray_job_submit_and_stop_as_documented(server, tmp_path):
     """A real `ray start --head` with its dashboard and the project's environment first on PATH, as
     docs/usage.md says to start it; `ray job submit` and `ray job stop` exactly as written there."""
     output, stopped = tmp_path / "out", tmp_path / "stopped"
-    many = tmp_path / "many"
-    many.mkdir()
-    for copy in range(8):
-        for field in sorted(FIELDS.glob("*.JPG")):
-            shutil.copy(field, many / f"{copy}-{field.name}")
+    many = fixture_copies(tmp_path / "many", 8)
     with LocalCluster(dashboard=True) as cluster:
         def ray(*words: str, timeout: float = 600) -> subprocess.CompletedProcess:
             return subprocess.run(words, env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import EmbeddedServer
 from tests.cluster import LocalCluster
-from tests.conftest import FIXTURES, check_consistent
+from tests.conftest import check_consistent, fixture_copies
 
 pytestmark = pytest.mark.slow
 COPIES = 4  # 3 fixture fields x 4 = 12 slides: long enough to interrupt, short enough for CI
@@ -39,11 +38,7 @@ def servers():
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("slides")
-    for copy in range(COPIES):
-        for field in sorted((FIXTURES / "smears").glob("*.JPG")):
-            shutil.copy(field, folder / f"{copy}-{field.name}")
-    return folder
+    return fixture_copies(tmp_path_factory.mktemp("slides"), COPIES)
 
 
 def command(cluster: LocalCluster, slides: Path, output: Path, urls: list[str], *extra: str) -> list[str]:
@@ -157,11 +152,7 @@ def test_a_killed_worker_node_has_its_slides_retried_elsewhere(cluster, servers,
 @pytest.fixture(scope="module")
 def many_slides(tmp_path_factory) -> Path:
     """Twice the clean run's slides: far more than are in flight when the driver is signalled."""
-    folder = tmp_path_factory.mktemp("many")
-    for copy in range(INTERRUPTED_COPIES):
-        for field in sorted((FIXTURES / "smears").glob("*.JPG")):
-            shutil.copy(field, folder / f"{copy}-{field.name}")
-    return folder
+    return fixture_copies(tmp_path_factory.mktemp("many"), INTERRUPTED_COPIES)
 
 
 @pytest.mark.parametrize("signum,sigint", [(signal.SIGINT, "ignored"), (signal.SIGINT, "default"),
