@@ -78,6 +78,7 @@ class Progress:
     cells: int = 0
     skipped: int = 0
     planned: bool = False  # every input listed and planned: `expected` is complete
+    interrupted_said: bool = False
     expected: Counter = field(default_factory=Counter)  # fields (and tiles) each slide has, finished or not
     started: float = field(default_factory=time.monotonic)
     last_line: float = field(default_factory=time.monotonic)
@@ -111,11 +112,15 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def interrupted_line(self) -> str:
+    def say_interrupted(self) -> None:
+        """The one line an interrupted run prints (once, however many places notice)."""
+        if self.interrupted_said:
+            return
+        self.interrupted_said = True
         finished = self.skipped + self.done - self.lost
         known = sum(self.expected.values())
-        return (f"interrupted: {finished} of {'' if self.planned else 'at least '}{known} slides done; "
-                "rerun the same command to resume")
+        print(f"interrupted: {finished} of {'' if self.planned else 'at least '}{known} slides done; "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -303,7 +308,7 @@ def run(options: BatchOptions) -> int:
     except (Interrupted, asyncio.CancelledError):
         if not stop.stopped:
             raise
-        print(progress.interrupted_line(), file=sys.stderr, flush=True)
+        progress.say_interrupted()
         return exit_code(stop.signum)
     finally:
         progress.close()
@@ -332,6 +337,8 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
         startup = time.monotonic() - started  # Triton and Ray ready: what every run pays before its first slide
         placement, model_version, settings = asyncio.run(process(options, urls, progress, stop))
     finally:
+        if stop.stopped:
+            progress.say_interrupted()  # now: `ray job stop` SIGKILLs a driver still stopping after 3 s
         if server is not None:
             server.terminate()  # it takes seconds to unload: let it while Ray shuts down
         if ray.is_initialized():
