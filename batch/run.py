@@ -112,13 +112,13 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def say_interrupted(self) -> None:
-        """The one line an interrupted run prints (once, however many places notice)."""
+    def say_interrupted(self, finished: int) -> None:
+        """The one line an interrupted run prints (once, however many places notice); `finished`:
+        the parts in the output now (workers still finishing may add a few more, each whole)."""
         if self.interrupted_said:
             return
         self.interrupted_said = True
-        finished = self.skipped + self.done - self.lost
-        known = sum(self.expected.values())
+        known = max(sum(self.expected.values()), finished)
         print(f"interrupted: {finished} of {'' if self.planned else 'at least '}{known} slides done; "
               "rerun the same command to resume", file=sys.stderr, flush=True)
 
@@ -308,7 +308,7 @@ def run(options: BatchOptions) -> int:
     except (Interrupted, asyncio.CancelledError):
         if not stop.stopped:
             raise
-        progress.say_interrupted()
+        progress.say_interrupted(len(finished_keys(options.output)))
         return exit_code(stop.signum)
     finally:
         progress.close()
@@ -337,8 +337,8 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
         startup = time.monotonic() - started  # Triton and Ray ready: what every run pays before its first slide
         placement, model_version, settings = asyncio.run(process(options, urls, progress, stop))
     finally:
-        if stop.stopped:
-            progress.say_interrupted()  # now: `ray job stop` SIGKILLs a driver still stopping after 3 s
+        if stop.stopped:  # say it now: `ray job stop` SIGKILLs a driver still stopping after 3 s
+            progress.say_interrupted(len(finished_keys(options.output)))
         if server is not None:
             server.terminate()  # it takes seconds to unload: let it while Ray shuts down
         if ray.is_initialized():

@@ -145,8 +145,8 @@ def test_resume_after_a_killed_run(inputs, repository, tmp_path):
     resumed = run_cli("run", "--input", str(many), "--output", str(output), "--repository", str(repository), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
-    assert report["fields_skipped_as_finished"] == finished
-    assert report["fields_processed_this_run"] == 12 - finished
+    assert report["fields_skipped_as_finished"] >= finished  # a worker may have finished its field after the kill
+    assert report["fields_skipped_as_finished"] + report["fields_processed_this_run"] == 12
     _, slides = check_consistent(output)
     assert len(slides) == 12 and all(s["status"] == "ok" for s in slides)
 
@@ -195,7 +195,8 @@ def test_ray_job_submit_and_stop_as_documented(server, tmp_path):
         logs = ray("ray", "job", "logs", "--address", cluster.dashboard_url, job, timeout=60).stdout
     finished = len(list((stopped / "parts").glob("*.json")))
     assert finished < 24, "the premise: the job was stopped mid-way"
-    assert f"interrupted: {finished} of" in logs, logs[-2000:]  # stopped by its own handler, not SIGKILL
+    said = re.search(r"interrupted: (\d+) of", logs)  # stopped by its own handler, not SIGKILL
+    assert said and 2 <= int(said.group(1)) <= finished, logs[-2000:]
     assert not (stopped / "cells.parquet").exists() and not list((stopped / "parts").glob(".tmp-*"))
     _, slides = check_consistent(output)
     assert len(slides) == len(list(FIELDS.glob("*.JPG"))) and all(s["status"] == "ok" for s in slides)

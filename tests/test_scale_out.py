@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,12 +179,15 @@ def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, many_
     assert not (output / "run.json").exists()
     if signum != signal.SIGKILL:
         assert job.returncode == 128 + signum, printed[-2000:]
-        assert f"interrupted: {finished} of " in printed and "rerun the same command to resume" in printed
+        said = re.search(r"interrupted: (\d+) of (at least )?\d+ slides done; rerun the same command to resume", printed)
+        assert said and 2 <= int(said.group(1)) <= finished, printed[-2000:]  # a worker may finish a part after
         print(f"{signal.Signals(signum).name} (SIGINT {sigint}) to exit: {seconds:.2f} s, {finished} of {total} done")
         assert seconds < 60, "the driver did not stop promptly"
     report = run_job(cluster, many_slides, output, [servers[0].grpc_url])
-    assert report["fields_skipped_as_finished"] == finished
-    assert report["fields_processed_this_run"] == total - finished
+    # Every field either found finished or processed now, once; a worker of the stopped run that
+    # finished its field after the count above only adds a part the rerun then skips.
+    assert report["fields_skipped_as_finished"] >= finished
+    assert report["fields_skipped_as_finished"] + report["fields_processed_this_run"] == total
     resumed = by_slide(output)
     assert len(resumed) == total
     for name, row in resumed.items():  # each copy as the clean run's first copy of the same field
