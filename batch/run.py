@@ -159,9 +159,8 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
                   stop: StopSignals) -> tuple[Placement, str, FieldSettings]:
     """Send slides to Ray tasks with bounded concurrency; write each finished slide at once.
 
-    A stop signal cancels this coroutine: nothing more is scheduled, slides in flight are abandoned
-    (their Ray tasks end with the driver) and no part is written after it, so every part on disk is
-    whole. Returns where the work went, the model version the servers reported, and the settings
+    A stop signal cancels this coroutine: nothing more is scheduled and slides in flight are
+    abandoned (their Ray tasks end with the driver; one that finishes first writes its part whole). Returns where the work went, the model version the servers reported, and the settings
     used (the classical finder where no detector was served).
     """
     import ray
