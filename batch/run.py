@@ -160,8 +160,9 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
     """Send slides to Ray tasks with bounded concurrency; write each finished slide at once.
 
     A stop signal cancels this coroutine: nothing more is scheduled and slides in flight are
-    abandoned (their Ray tasks end with the driver; one that finishes first writes its part whole). Returns where the work went, the model version the servers reported, and the settings
-    used (the classical finder where no detector was served).
+    abandoned (their Ray tasks end with the driver; one that finishes first writes its part whole).
+    Returns where the work went, the model version the servers reported, and the settings used (the
+    classical finder where no detector was served).
     """
     import ray
     from ray.exceptions import RayError, RayTaskError
