@@ -29,10 +29,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def crop_cell(image: Image.Image | np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+def crop_cell(image: Image.Image | np.ndarray, size: int = IMAGE_SIZE, out: np.ndarray | None = None) -> np.ndarray:
     """Fit a cell image into a size x size square: aspect kept, centred, padded with black.
 
-    Returns uint8 [size, size, 3]. Raises ValueError on an empty image.
+    Returns uint8 [size, size, 3], written into `out` when given (it must be zeros, as from
+    `np.zeros`, so that the padding is black). Raises ValueError on an empty image.
     """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -42,20 +43,25 @@ def crop_cell(image: Image.Image | np.ndarray, size: int = IMAGE_SIZE) -> np.nda
         raise ValueError(f"empty image ({width}x{height})")
     scale = size / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = rgb.resize((new_w, new_h), RESAMPLE)
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    resized = np.asarray(rgb.resize((new_w, new_h), RESAMPLE))
+    out = np.zeros((size, size, 3), dtype=np.uint8) if out is None else out
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
 
 
 def cut_cell(
-    field: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray | None = None, pad_fraction: float = 0.05
+    field: np.ndarray,
+    box: tuple[int, int, int, int],
+    mask: np.ndarray | None = None,
+    pad_fraction: float = 0.05,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """One cell of a whole smear field, as the model sees NIH cells: alone on black, 128x128.
 
     The square around the box (padded by `pad_fraction` of its side; black outside the field) is cut,
     pixels outside the cell's `mask` (bool [h, w], aligned with the box) are blacked out, because the
-    NIH training crops show one segmented cell on black; then `crop_cell` resizes it.
+    NIH training crops show one segmented cell on black; then `crop_cell` resizes it (into `out`).
     """
     x, y, w, h = box
     side = max(w, h)
@@ -64,10 +70,15 @@ def cut_cell(
     square = np.zeros((side, side, 3), dtype=np.uint8)
     src_x0, src_y0 = max(left, 0), max(top, 0)
     src_x1, src_y1 = min(left + side, field.shape[1]), min(top + side, field.shape[0])
-    if src_x1 > src_x0 and src_y1 > src_y0:
-        square[src_y0 - top : src_y1 - top, src_x0 - left : src_x1 - left] = field[src_y0:src_y1, src_x0:src_x1]
     if mask is not None:
-        keep = np.zeros((side, side), dtype=bool)
+        keep = np.zeros((side, side), dtype=np.uint8)
         keep[y - top : y - top + h, x - left : x - left + w] = mask
-        square[~keep] = 0
-    return crop_cell(square)
+        keep = np.repeat(keep, 3, axis=1).reshape(side, side, 3)  # a multiply broadcast over 3 is ~10x slower
+    if src_x1 > src_x0 and src_y1 > src_y0:
+        inside = (slice(src_y0 - top, src_y1 - top), slice(src_x0 - left, src_x1 - left))
+        window = field[src_y0:src_y1, src_x0:src_x1]
+        if mask is None:
+            square[inside] = window
+        else:
+            np.multiply(window, keep[inside], out=square[inside])
+    return crop_cell(square, out=out)

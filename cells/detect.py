@@ -50,7 +50,6 @@ def cells_from_maps(maps: np.ndarray, shape: tuple[int, int], factor: float, kee
                     params: MapParams = MapParams()) -> list[Cell]:
     """Cells at full resolution (field `shape`) from maps [h, w, 2] at 1/`factor`."""
     from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
     from skimage.measure import regionprops
     from skimage.segmentation import watershed
 
@@ -59,8 +58,8 @@ def cells_from_maps(maps: np.ndarray, shape: tuple[int, int], factor: float, kee
     cell, centre = maps[:rows, :cols, 0], maps[:rows, :cols, 1]
     mask = cell > params.cell_level
     diameter = DETECTOR_CELL_DIAMETER / DETECTOR_SCALE
-    peaks = peak_local_max(centre, min_distance=max(1, int(params.peak_distance * diameter)),
-                           threshold_abs=params.peak_level, labels=ndi.label(mask | (centre > params.peak_level))[0])
+    peaks = label_peaks(centre, ndi.label(mask | (centre > params.peak_level))[0],
+                        max(1, int(params.peak_distance * diameter)), params.peak_level)
     if not len(peaks):
         return []
     markers = np.zeros(centre.shape, np.int32)
@@ -70,6 +69,72 @@ def cells_from_maps(maps: np.ndarray, shape: tuple[int, int], factor: float, kee
     find = FindParams(scale=1, cell_diameter=DETECTOR_CELL_DIAMETER * factor / DETECTOR_SCALE)
     cells = [region_to_cell(region, shape, find, factor) for region in regions]
     return [c for c in cells if keep_border or not c.touches_border]
+
+
+def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
+    """Peaks [N, 2] (row, col) of `image` within each labelled region, exactly those of
+    `skimage.feature.peak_local_max(image, min_distance, threshold, labels=labels)` in the same
+    order, without its Python loop over every region (~2x faster on a field).
+
+    As there, pixels within `min_distance` of the edge are left out; a pixel is a candidate when
+    no pixel of its own region within `min_distance` (Chebyshev) is higher, and it is above
+    `threshold`; in each region, candidates are taken highest first and those closer than
+    `min_distance` to one taken are dropped. Regions are told apart in a single maximum filter by
+    lifting each region's values by its label times the image's range: a window whose other
+    regions all have lower labels (or all higher, filtered the other way round) is decided by one
+    of the two filters; the rare pixel between both kinds is decided on its own.
+    """
+    border = min_distance
+    if min(image.shape) <= 2 * border:
+        return np.zeros((0, 2), dtype=np.intp)
+    peaks = _interior_peaks(image[border:-border, border:-border], labels[border:-border, border:-border],
+                            min_distance, threshold)
+    return peaks + border
+
+
+def _interior_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
+    """`label_peaks` on an image whose edges are not left out."""
+    from scipy import ndimage as ndi
+
+    image = image.astype(np.float64)
+    size = 2 * min_distance + 1
+    inside = labels > 0
+    lift = labels * (float(image.max() - image.min()) + 1.0)
+    up = np.where(inside, image + lift, -np.inf)
+    down = np.where(inside, image - lift, -np.inf)
+    highest = ndi.maximum_filter(labels, size=size)
+    lowest = -ndi.maximum_filter(np.where(inside, -labels, np.iinfo(labels.dtype).min), size=size)
+    candidate = np.where(highest == labels, ndi.maximum_filter(up, size=size) == up,
+                         (lowest == labels) & (ndi.maximum_filter(down, size=size) == down)) & inside
+    for row, col in np.argwhere(inside & (highest != labels) & (lowest != labels)):
+        window = (slice(max(row - min_distance, 0), row + min_distance + 1),
+                  slice(max(col - min_distance, 0), col + min_distance + 1))
+        candidate[row, col] = image[row, col] >= image[window][labels[window] == labels[row, col]].max()
+    count = int(labels.max())
+    region_size = np.bincount(labels.ravel(), minlength=count + 1)
+    trivial = np.flatnonzero((np.bincount(labels[candidate], minlength=count + 1) == region_size) & (region_size > 0))
+    for label in trivial[trivial > 0]:  # flat regions: only their isolated pixels, as skimage does
+        roi = ndi.find_objects(labels == label)[0]
+        region = labels[roi] == label
+        candidate[roi] = np.where(region, region & ~ndi.binary_opening(region), candidate[roi])
+    candidate &= image > threshold
+    rows, cols = np.nonzero(candidate)
+    order = np.lexsort((-image[rows, cols], labels[rows, cols]))  # by region, highest first, stable
+    rows, cols, owner = rows[order], cols[order], labels[rows[order], cols[order]]
+    keep = np.ones(len(rows), dtype=bool)
+    for start, end in _runs(owner):
+        for i in range(start, end):
+            if keep[i]:
+                near = (np.abs(rows[i + 1 : end] - rows[i]) < min_distance) & (np.abs(cols[i + 1 : end] - cols[i]) < min_distance)
+                keep[i + 1 : end] &= ~near
+    return np.stack([rows[keep], cols[keep]], axis=1)
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values with more than one element."""
+    edges = np.flatnonzero(np.diff(values)) + 1
+    bounds = np.concatenate([[0], edges, [len(values)]])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b - a > 1]
 
 
 def onnx_finder(repository: Path, threads: int = 0, cell_diameter: float = DETECTOR_CELL_DIAMETER,

@@ -124,9 +124,10 @@ def cell_crops(image: np.ndarray, cells: list[Cell]) -> np.ndarray:
     blacks out pixels outside the cell's mask, neighbouring cells included.
     """
     _check_rgb(image)
-    if not cells:
-        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    return np.stack([cut_cell(image, *_mask_box(cell)) for cell in cells])
+    crops = np.zeros((len(cells), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for cell, crop in zip(cells, crops):
+        cut_cell(image, *_mask_box(cell), out=crop)
+    return crops
 
 
 def _mask_box(cell: Cell) -> tuple[tuple[int, int, int, int], np.ndarray]:
@@ -135,8 +136,8 @@ def _mask_box(cell: Cell) -> tuple[tuple[int, int, int, int], np.ndarray]:
     Crops are framed on the cell itself, as the NIH training crops are, not on the looser box
     that matches the annotators' convention.
     """
-    rows, cols = np.nonzero(cell.mask)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    rows, cols = np.flatnonzero(cell.mask.any(axis=1)), np.flatnonzero(cell.mask.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     box = (cell.x + int(c0), cell.y + int(r0), int(c1 - c0), int(r1 - r0))
     return box, cell.mask[r0:r1, c0:c1]
 
@@ -318,6 +319,7 @@ def region_to_cell(region, shape: tuple[int, int], params: FindParams, factor: f
     pad = int(round(params.box_margin * params.cell_diameter))
     top, left = min(pad, r0), min(pad, c0)
     bottom, right = min(pad, height - r1), min(pad, width - c1)
-    mask = np.pad(mask, ((top, bottom), (left, right)))
-    x, y, h, w = int(c0 - left), int(r0 - top), *mask.shape
-    return Cell(x, y, w, h, int(mask.sum()), bool(touches), mask)
+    padded = np.zeros((top + mask.shape[0] + bottom, left + mask.shape[1] + right), dtype=bool)
+    padded[top : top + mask.shape[0], left : left + mask.shape[1]] = mask
+    x, y, h, w = int(c0 - left), int(r0 - top), *padded.shape
+    return Cell(x, y, w, h, int(np.count_nonzero(mask)), bool(touches), padded)

@@ -4,6 +4,7 @@ from PIL import Image
 
 from cells.contract import IMAGE_SIZE
 from cells.crop import crop_cell
+from tests.conftest import FIXTURES
 
 
 def _check(crop: np.ndarray) -> None:
@@ -66,3 +67,34 @@ def test_real_fixture_cells(cells_dir):
     for path in sorted(cells_dir.rglob("*.png"))[:5]:
         with Image.open(path) as image:
             _check(crop_cell(image))
+
+
+def _reference_cut(field: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray) -> np.ndarray:
+    """A cell cut the plain way (each step its own image), as the crops were made before they
+    were written in place: the fast path must give the same bytes."""
+    x, y, w, h = box
+    side = max(w, h)
+    side += 2 * max(2, round(0.05 * side))
+    left, top = x + w // 2 - side // 2, y + h // 2 - side // 2
+    padded = np.pad(field, ((side, side), (side, side), (0, 0)))
+    square = padded[top + side : top + 2 * side, left + side : left + 2 * side].copy()
+    keep = np.zeros((side, side), dtype=bool)
+    keep[y - top : y - top + h, x - left : x - left + w] = mask
+    square[~keep] = 0
+    scale = IMAGE_SIZE / side
+    new = max(1, round(side * scale))
+    canvas = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+    canvas.paste(Image.fromarray(square).resize((new, new), Image.Resampling.BILINEAR),
+                 ((IMAGE_SIZE - new) // 2, (IMAGE_SIZE - new) // 2))
+    return np.asarray(canvas)
+
+
+def test_field_crops_are_the_plain_per_cell_crops():
+    from cells.detection_eval import load_rgb
+    from cells.find import _mask_box, cell_crops, find_cells
+
+    field = load_rgb(FIXTURES / "smears" / "PA171691.JPG")
+    cells = find_cells(field, keep_border=True)
+    assert any(cell.touches_border for cell in cells), "the premise: some cells run off the field"
+    crops = cell_crops(field, cells)
+    assert np.array_equal(crops, np.stack([_reference_cut(field, *_mask_box(cell)) for cell in cells]))

@@ -136,3 +136,39 @@ def test_both_models_in_one_triton_and_the_batch_job_finds_cells_with_the_detect
             total = match if total is None else total + match
         if finder == "learned":
             assert total.f1 >= FIXTURE_F1_FLOOR, total
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_label_peaks_are_skimages_peaks_in_the_same_order(seed):
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    from cells.detect import label_peaks
+
+    rng = np.random.default_rng(seed)
+    image = ndi.gaussian_filter(rng.random((60, 70)), rng.uniform(0.5, 3)).astype(np.float32)
+    if seed % 4 == 0:
+        image = np.round(image * 20) / 20  # plateaus: flat regions and ties
+    labels = ndi.label(rng.random((60, 70)) > rng.uniform(0.2, 0.7))[0]
+    distance, threshold = int(rng.integers(1, 8)), float(np.quantile(image, 0.3))
+    expected = peak_local_max(image, min_distance=distance, threshold_abs=threshold, labels=labels)
+    assert np.array_equal(label_peaks(image, labels, distance, threshold), expected)
+
+
+def test_label_peaks_on_detector_maps_of_a_real_field():
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    from cells.contract import DETECTOR_INPUT, DETECTOR_OUTPUT
+    from cells.detect import label_peaks
+    from cells.repository import served_onnx
+    from cells.runtime import OnnxModel
+
+    model = OnnxModel(served_onnx(DEFAULT_REPOSITORY, DETECTOR_NAME), batch_size=1, threads=1,
+                      input_name=DETECTOR_INPUT, output_name=DETECTOR_OUTPUT)
+    small, _ = detector_input(load_rgb(FIELDS / "PA171691.JPG"))
+    maps = model(small[None])[0]
+    labels = ndi.label((maps[..., 0] > 0.85) | (maps[..., 1] > 0.3))[0]
+    expected = peak_local_max(maps[..., 1], min_distance=5, threshold_abs=0.3, labels=labels)
+    assert len(expected) > 50
+    assert np.array_equal(label_peaks(maps[..., 1], labels, 5, 0.3), expected)
