@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from batch.field import FieldSettings
+from batch.run import BatchOptions
 from cells.contract import IMAGE_SUFFIXES, MODEL_NAME, REQUEST_BATCH_SIZE
 
 # The issue's targets, as ratios measured in this run.
@@ -39,6 +40,7 @@ class BenchOptions:
     tutorial_images: int = 48
     name: str = MODEL_NAME
     finder: str = FieldSettings().finder  # the job's, and the one whose cost the "find" stage measures
+    worker_cpus: float = BatchOptions.worker_cpus  # the job's `--worker-cpus`
 
 
 def cpu_model_name() -> str:
@@ -122,12 +124,25 @@ def _child(function, arguments: tuple, results) -> None:
     results.put(result)
 
 
-def in_child(function, *arguments) -> dict:
-    """`function(*arguments)` in a fresh process; its result with that process's peak RSS."""
+def in_child(function, *arguments, one_blas_thread: bool = False) -> dict:
+    """`function(*arguments)` in a fresh process; its result with that process's peak RSS.
+
+    `one_blas_thread`: NumPy's BLAS on one thread, as Ray starts its workers (OMP_NUM_THREADS=1);
+    with a thread a core, the per-field work's tiny matrix products cost twice the CPU (spinning).
+    """
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     process = context.Process(target=_child, args=(function, arguments, results))
-    process.start()
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if one_blas_thread:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        process.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     result = results.get()
     process.join()
     return result
@@ -175,10 +190,11 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its processes."""
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
                "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size),
-               "--finder", options.finder]
+               "--finder", options.finder, "--worker-cpus", str(options.worker_cpus)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
     cpu: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU seconds at its last sample)
+    series: list[tuple[float, float]] = []  # (time, CPU seconds of the processes alive then)
     stop = threading.Event()
 
     def sample() -> None:
@@ -187,6 +203,7 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
             processes = _processes()
             tree = [p for p in _tree(process.pid, processes) if p in processes]
             peak = max(peak, sum(processes[p][2] for p in tree) / 2**20)
+            series.append((time.monotonic(), sum(processes[p][3] for p in tree)))
             for p in tree:  # a bare "python" name is kept only until a better one is seen (Ray renames its
                 name = processes[p][1]  # workers after start; an exiting process's cmdline reads empty)
                 cpu[p] = (cpu[p][0] if p in cpu and name.startswith("python") else name, processes[p][3])
@@ -212,7 +229,17 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
         "cells_per_s": report["cells_per_second"],
         "steady_cells_per_s": report["steady_cells_per_second"],
         "peak_rss_mib": peak,
+        "steady_busy_cores": _steady_busy(series),
     }
+
+
+def _steady_busy(series: list[tuple[float, float]]) -> float:
+    """The share of the cores the job's processes used over the middle half of the run (start-up,
+    the last slides and the tables left out): CPU seconds over wall seconds times cores."""
+    if len(series) < 8:
+        return float("nan")
+    start, end = series[len(series) // 4], series[3 * len(series) // 4]
+    return (end[1] - start[1]) / ((end[0] - start[0]) * len(os.sched_getaffinity(0)))
 
 
 def bench_batch(options: BenchOptions) -> dict:
@@ -223,7 +250,8 @@ def bench_batch(options: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="smearscope-bench-") as scratch:
         scratch = Path(scratch)
         crops_file = scratch / "crops.npy"
-        stages = in_child(_stage_costs, paths, crops_file, options.finder, options.repository, options.threads)
+        stages = in_child(_stage_costs, paths, crops_file, options.finder, options.repository, options.threads,
+                          one_blas_thread=True)
         print(f"{len(paths)} fields, {stages['cells']} cells; per cell (core-ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in stages["core_ms_per_cell"].items()), flush=True)
         fp32_model = upcast_to_fp32(engine_source(options.repository, options.name), scratch / "model.fp32.onnx")

@@ -37,7 +37,7 @@ def _bench_batch(args: argparse.Namespace) -> int:
 
     bench_batch(BenchOptions(fields=args.fields, repository=args.repository, out=args.out, max_fields=args.max_fields,
                              threads=args.threads, batch_size=args.batch_size, tutorial_images=args.tutorial_images,
-                             finder=args.finder))
+                             finder=args.finder, worker_cpus=args.worker_cpus))
     return 0
 
 
@@ -54,6 +54,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tutorial-images", type=int, default=defaults.tutorial_images,
                         help="images timed through the tutorial's one-image loop (it is slow)")
     parser.add_argument("--finder", choices=FINDERS, default=defaults.finder, help="how the job finds cells")
+    parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus, help="the job's --worker-cpus")
     parser.set_defaults(handler=_bench_batch)
 
 
@@ -79,7 +80,7 @@ def _bench_feed(args: argparse.Namespace) -> int:
     from bench.feed import FeedBenchOptions, bench_feed
 
     bench_feed(FeedBenchOptions(fields=args.fields, repository=args.repository, out=args.out, distinct=args.distinct,
-                                total=args.total))
+                                total=args.total, worker_cpus=args.worker_cpus))
     return 0
 
 
@@ -93,6 +94,7 @@ def _configure_feed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
     parser.add_argument("--distinct", type=int, default=defaults.distinct, help="distinct fields, in name order")
     parser.add_argument("--total", type=int, default=defaults.total, help="fields the job runs: copies of the distinct ones")
+    parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus, help="the job's --worker-cpus")
     parser.set_defaults(handler=_bench_feed)
 
 

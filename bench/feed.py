@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.batch import BenchOptions, _stage_costs, cpu_model_name, field_paths, in_child, job
+from batch.run import BatchOptions
 from cells.repository import DEFAULT_REPOSITORY
 
 
@@ -27,6 +28,7 @@ class FeedBenchOptions:
     out: Path = Path("bench/results/feed.json")
     distinct: int = 20  # distinct fields, in name order, the detector is recorded on
     total: int = 300  # fields the job runs: copies of the distinct ones
+    worker_cpus: float = BatchOptions.worker_cpus  # the job's `--worker-cpus`
 
 
 def bench_feed(options: FeedBenchOptions) -> dict:
@@ -41,8 +43,9 @@ def bench_feed(options: FeedBenchOptions) -> dict:
         for index in range(options.total):
             source = distinct[index % len(distinct)]
             _place(source, inputs / f"{index:06d}-{source.name}")
-        stages = in_child(_stage_costs, distinct, scratch / "crops.npy", "learned", repository, 1)
-        run = job([inputs], BenchOptions(fields=inputs, repository=repository, out=options.out), scratch / "run")
+        stages = in_child(_stage_costs, distinct, scratch / "crops.npy", "learned", repository, 1, one_blas_thread=True)
+        run = job([inputs], BenchOptions(fields=inputs, repository=repository, out=options.out,
+                                         worker_cpus=options.worker_cpus), scratch / "run")
         report = json.loads((scratch / "run" / "run.json").read_text())
     cores = len(os.sched_getaffinity(0))
     cpu_ms = sum(run["core_ms_per_cell_by_process"].values())
@@ -59,8 +62,10 @@ def bench_feed(options: FeedBenchOptions) -> dict:
         # All of the job's processes, start-up included, over every cell.
         "feed_core_ms_per_cell": cpu_ms,
         "core_ms_per_cell_by_process": run["core_ms_per_cell_by_process"],
-        # CPU used over CPU available during the run.
+        "worker_cpus": options.worker_cpus,
+        # CPU used over CPU available: over the whole run, and over its middle half.
         "busy_cores": cpu_ms * run["cells"] / 1000 / (run["wall_s"] * cores),
+        "steady_busy_cores": run["steady_busy_cores"],
         "stages_core_ms_per_cell": stages["core_ms_per_cell"],
         "driver_us_per_cell": 1000 * report["driver_cpu_ms_per_cell"],
         "driver_bytes_per_cell": report["driver_bytes_per_cell"],
