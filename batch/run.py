@@ -31,7 +31,7 @@ from batch.results import (  # noqa: E402
     MIN_CELLS, Tables, atomic_path, atomic_write, failed, finished_keys, write_part, write_tables,
 )
 from batch.wsi import Tile, deduplicate_seams, plan, slide_of_tile  # noqa: E402
-from batch.workers import WORKER_RETRIES, Outcome  # noqa: E402
+from batch.workers import WORKER_RETRIES, Outcome, Shared  # noqa: E402
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE  # noqa: E402
 from cells.errors import describe  # noqa: E402
 from cells.decision import CALLS  # noqa: E402
@@ -179,10 +179,11 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
     if fallback:
         print(f"warning: no detector served ({fallback}): finding cells with the classical finder", flush=True)
     analyse = remote_analyse_slide(options.worker_cpus)
-    options_ref, settings_ref = ray.put(client_options), ray.put(settings)
+    output = options.output.resolve()  # the workers write there: the same path on every node
+    shared_ref = ray.put(Shared(client_options, options.overlays, options.max_bytes, output))
+    settings_ref = ray.put(settings)
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
     gate = asyncio.Semaphore(options.max_pending or max(2, int(2 * cpus / options.worker_cpus)))
-    output = options.output.resolve()  # the workers write there: the same path on every node
     done = set() if options.overwrite else finished_keys(output)
     placement = Placement()
     model_versions: set[str] = set()
@@ -195,8 +196,7 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
                 result = failed(slide.slide_id, slide.source, slide.error)
             else:
                 unit_ref = settings_ref if unit_settings is settings else unit_settings
-                outcome = await analyse.remote(slide, options_ref, unit_ref, options.overlays, options.max_bytes,
-                                               output)
+                outcome = await analyse.remote(slide, shared_ref, unit_ref)
                 placement.add(outcome)
                 if outcome.lost:
                     print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)

@@ -43,6 +43,16 @@ class Outcome:
     tally: RequestTally = field(default_factory=RequestTally)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every slide's task of a run shares: put in Ray's object store once, not sent with each task."""
+
+    options: ClientOptions
+    overlays: bool
+    max_bytes: int
+    output: Path  # absolute: the same path on every node
+
+
 _loop: asyncio.AbstractEventLoop | None = None
 _models: dict = {}
 _lock = threading.Lock()
@@ -113,24 +123,23 @@ async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSe
     return analysed.result, None
 
 
-def analyse_slide(work: Slide | Tile, options: ClientOptions, settings: FieldSettings, overlays: bool,
-                  max_bytes: int, output: Path) -> Outcome:
+def analyse_slide(work: Slide | Tile, shared: Shared, settings: FieldSettings) -> Outcome:
     """The Ray task's body: one field (an image) or one tile of a whole-slide image analysed on the
-    worker's client loop, its overlay and part written to `output` (an absolute path every node sees)."""
+    worker's client loop, its overlay and part written to `shared.output`."""
     import ray
 
     address = ray.util.get_node_ip_address()
     outcome = Outcome(ray.get_runtime_context().get_node_id(), address)
-    options = replace(options, urls=node_urls(options.urls, address))
+    options = replace(shared.options, urls=node_urls(shared.options.urls, address))
     result, overlay_png = asyncio.run_coroutine_threadsafe(
-        _analyse(work, options, settings, overlays, max_bytes, outcome), _client_loop()).result()
+        _analyse(work, options, settings, shared.overlays, shared.max_bytes, outcome), _client_loop()).result()
     if result is None:
         return outcome
     if overlay_png is not None:
-        path = overlay_path(output, work)
+        path = overlay_path(shared.output, work)
         atomic_write(path, overlay_png)
-        result.overlay = str(path.relative_to(output))
-    write_part(output, work.key, result)
+        result.overlay = str(path.relative_to(shared.output))
+    write_part(shared.output, work.key, result)
     outcome.cells, outcome.error = result.cells, result.status == "error"
     return outcome
 

@@ -87,8 +87,9 @@ def _cell_colours(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _moments(lab: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over pixels, from distinct colours and their pixel counts."""
-    mean = np.average(lab, axis=0, weights=counts)
-    return mean, np.sqrt(np.average((lab - mean) ** 2, axis=0, weights=counts))
+    weights = counts / counts.sum()
+    mean = weights @ lab
+    return mean, np.sqrt(weights @ (lab - mean) ** 2)
 
 
 def stain_stats(crops: np.ndarray) -> StainStats:
