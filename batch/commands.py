@@ -7,14 +7,14 @@ from pathlib import Path
 
 from batch.field import FINDERS, FieldSettings
 from batch.grouping import GROUPS, Grouping, grouping
-from batch.run import BatchOptions
+from batch.driver import BatchOptions
 from cells.cli import add_command
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.client import POLICIES
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batch.run import run
+    from batch.driver import run
 
     return run(BatchOptions(
         inputs=args.input,

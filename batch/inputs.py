@@ -14,11 +14,11 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from batch.wsi import WSI_SUFFIXES
+from batch.wsi import WSI_SUFFIXES, WholeSlideError, cell_diameter_of, is_slide_candidate, open_slide, smear_tiles
 from cells.contract import IMAGE_SUFFIXES
 from cells.errors import MissingInput, describe
 
@@ -193,3 +193,20 @@ def _tar_members(path: Path, max_bytes: int) -> Iterator[Slide]:
             yield Slide(slide_id, str(path), data=data)
 
 
+def plan(slide: Slide, settings, max_bytes: int) -> list:
+    """What to do with one input: its tiles if it is a whole-slide image (with the cell scale its
+    microns per pixel give), else the input itself; an input that fails here is an error Slide."""
+    if slide.error or slide.path is None or not is_slide_candidate(Path(slide.path)):
+        return [(slide, settings)]
+    try:
+        whole = open_slide(slide.path, settings.max_pixels)
+    except WholeSlideError as error:
+        return [(Slide(slide.slide_id, slide.source, error=str(error)), settings)]
+    if whole is None:
+        size = Path(slide.path).stat().st_size
+        if size > max_bytes:
+            return [(Slide(slide.slide_id, slide.source,
+                           error=f"file too large: {size:,} bytes > {max_bytes:,} (--max-bytes)"), settings)]
+        return [(slide, settings)]
+    scaled = replace(settings, cell_diameter=cell_diameter_of(whole, settings.cell_diameter))
+    return [(tile, scaled) for tile in smear_tiles(whole, scaled.cell_diameter)]

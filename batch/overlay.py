@@ -1,4 +1,5 @@
-"""A PNG per slide with every cell's box coloured by its class, for people to check the job."""
+"""A PNG per field, and an overview per whole-slide image, with every cell's box coloured by its class,
+for people to check the job."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from batch.inputs import Slide, slide_name
+from batch.wsi import open_slide, read_region
 
 OVERLAYS = "overlays"
 COLOURS = {"Parasitized": (230, 30, 30), "Uninfected": (30, 200, 60)}
@@ -28,3 +30,18 @@ def draw_overlay(image: np.ndarray, cell_rows: list[dict]) -> Image.Image:
         box = (row["x"], row["y"], row["x"] + row["w"] - 1, row["y"] + row["h"] - 1)
         draw.rectangle(box, outline=COLOURS[row["label"]], width=LINE_WIDTHS[row["label"]])
     return canvas
+
+
+def overview(path: str, cell_rows: list[dict], max_side: int = 4096) -> np.ndarray:
+    """The whole-slide image's lowest level no larger than `max_side`, with every cell's box drawn
+    in its class colour."""
+    slide = open_slide(path, 0)
+    level = next((i for i, (h, w) in enumerate(slide.levels) if max(h, w) <= max_side), len(slide.levels) - 1)
+    height, width = slide.levels[level]
+    canvas = Image.fromarray(read_region(path, (0, 0, width, height), level))
+    draw = ImageDraw.Draw(canvas)
+    sx, sy = width / slide.width, height / slide.height
+    for row in cell_rows:
+        box = (row["x"] * sx, row["y"] * sy, (row["x"] + row["w"]) * sx, (row["y"] + row["h"]) * sy)
+        draw.rectangle(box, outline=COLOURS[row["label"]], width=1)
+    return np.asarray(canvas)

@@ -169,24 +169,6 @@ def cell_diameter_of(slide: WholeSlide, default: float) -> float:
     return RED_CELL_MICRONS / slide.mpp if slide.mpp else default
 
 
-def overview(path: str, cell_rows: list[dict], max_side: int = 4096) -> np.ndarray:
-    """The slide's lowest level no larger than `max_side`, with every cell's box drawn in its class colour."""
-    from PIL import Image, ImageDraw
-
-    from batch.overlay import COLOURS
-
-    slide = open_slide(path, 0)
-    level = next((i for i, (h, w) in enumerate(slide.levels) if max(h, w) <= max_side), len(slide.levels) - 1)
-    height, width = slide.levels[level]
-    canvas = Image.fromarray(read_region(path, (0, 0, width, height), level))
-    draw = ImageDraw.Draw(canvas)
-    sx, sy = width / slide.width, height / slide.height
-    for row in cell_rows:
-        box = (row["x"] * sx, row["y"] * sy, (row["x"] + row["w"]) * sx, (row["y"] + row["h"]) * sy)
-        draw.rectangle(box, outline=COLOURS[row["label"]], width=1)
-    return np.asarray(canvas)
-
-
 def is_slide_candidate(path: Path) -> bool:
     return path.name.lower().endswith(WSI_SUFFIXES)
 
@@ -195,29 +177,6 @@ def slide_of_tile(field_id: str) -> str | None:
     """The whole-slide image a tile's field id belongs to, or None for an ordinary field."""
     path, separator, _ = field_id.partition(TILE_SEPARATOR)
     return path if separator else None
-
-
-def plan(slide, settings, max_bytes: int) -> list:
-    """What to do with one input: its tiles if it is a whole-slide image (with the cell scale its
-    microns per pixel give), else the input itself; an input that fails here is an error Slide."""
-    from dataclasses import replace
-
-    from batch.inputs import Slide
-
-    if slide.error or slide.path is None or not is_slide_candidate(Path(slide.path)):
-        return [(slide, settings)]
-    try:
-        whole = open_slide(slide.path, settings.max_pixels)
-    except WholeSlideError as error:
-        return [(Slide(slide.slide_id, slide.source, error=str(error)), settings)]
-    if whole is None:
-        size = Path(slide.path).stat().st_size
-        if size > max_bytes:
-            return [(Slide(slide.slide_id, slide.source,
-                           error=f"file too large: {size:,} bytes > {max_bytes:,} (--max-bytes)"), settings)]
-        return [(slide, settings)]
-    scaled = replace(settings, cell_diameter=cell_diameter_of(whole, settings.cell_diameter))
-    return [(tile, scaled) for tile in smear_tiles(whole, scaled.cell_diameter)]
 
 
 def deduplicate_seams(results: list, tile: int = TILE) -> list:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from batch.field import FieldSettings
-from batch.run import BatchOptions
+from batch.driver import BatchOptions
 from cells.contract import IMAGE_SUFFIXES, MODEL_NAME, REQUEST_BATCH_SIZE
 
 # The targets, as ratios measured in this run.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.batch import BenchOptions, _stage_costs, cpu_model_name, field_paths, in_child, job
-from batch.run import BatchOptions
+from batch.driver import BatchOptions
 from cells.repository import DEFAULT_REPOSITORY
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from batch.field import FieldSettings
 from batch.inputs import DEFAULT_MAX_BYTES, TooLarge, expand, iter_slides, read_file
 from batch.slides import SlideError, decode
-from batch.wsi import plan
+from batch.inputs import plan
 from tests.png16 import png16
 
 FIELDS = Path(__file__).parent / "fixtures" / "smears"
