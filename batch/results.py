@@ -1,6 +1,7 @@
 """Results on disk: one atomic file per finished field, combined into the run's tables at the end.
 
-A field's part file appears only once its cells are classified, so an interrupted run resumes by
+A field's part (`parts/<key>.parquet`: its cells as rows, the field's own row in the file's
+metadata) appears only once its cells are classified, so an interrupted run resumes by
 skipping fields with a part and redoing the rest: no duplicates, nothing lost, and a slide with
 one bad field keeps the others. Fields are grouped into slides only when the tables are written
 (`batch.grouping`), so a rerun with another `--group` regroups without reprocessing.
@@ -28,6 +29,8 @@ from cells.decision import DEFAULT_THRESHOLD, Decision, slide_call
 from cells.stats import wilson_interval
 
 PARTS = "parts"
+PART_SUFFIX = ".parquet"
+FIELD_METADATA = "smearscope.field"  # a part's key in the Parquet metadata: the field's row, as JSON
 # The columns of cells.parquet, in order.
 CELL_COLUMNS = ("slide", "field", "cell_id", "x", "y", "w", "h", "area", "p_parasitized", "label")
 # WHO's thin-film count is of parasitized cells among 500-2,000 red cells; the default asks for 2,000.
@@ -137,19 +140,44 @@ def atomic_write(path: Path, text: str | bytes) -> None:
         temporary.write_bytes(text.encode() if isinstance(text, str) else text)
 
 
+def _cell_schema(with_slide: bool):
+    import pyarrow as pa
+
+    types = {"slide": pa.string(), "field": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
+    return pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS if with_slide or name != "slide"])
+
+
 def write_part(output: Path, key: str, result: FieldResult) -> None:
     """The field's part, whole or not at all; written by the worker that analysed it (or by the
     driver for a field no worker could). Written again with the same content if a retried task
     finishes twice: one file per field either way."""
-    atomic_write(output / PARTS / f"{key}.json", json.dumps(asdict(result)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _cell_schema(with_slide=False).with_metadata({FIELD_METADATA: json.dumps(result.row())})
+    with atomic_path(output / PARTS / f"{key}{PART_SUFFIX}") as temporary:
+        pq.write_table(pa.Table.from_pylist(result.cell_rows, schema=schema), temporary)
 
 
 def finished_keys(output: Path) -> set[str]:
-    return {p.stem for p in (output / PARTS).glob("*.json")}
+    return {p.name.removesuffix(PART_SUFFIX) for p in (output / PARTS).glob(f"*{PART_SUFFIX}")}
+
+
+def read_field(path: Path) -> FieldResult:
+    """A part's field row, without its cells: read from the file's footer."""
+    import pyarrow.parquet as pq
+
+    return FieldResult(**json.loads(pq.read_schema(path).metadata[FIELD_METADATA.encode()]))
 
 
 def read_part(path: Path) -> FieldResult:
-    return FieldResult(**json.loads(path.read_text()))
+    """A part whole: the field's row and its cells."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    result = FieldResult(**json.loads(table.schema.metadata[FIELD_METADATA.encode()]))
+    result.cell_rows = table.to_pylist()
+    return result
 
 
 @dataclass(frozen=True)
@@ -171,24 +199,28 @@ def write_tables(output: Path, slide_of: Callable[[str], str] = str, min_cells: 
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    by_slide: dict[str, list[tuple[str, Path]]] = {}
-    for path in (output / PARTS).glob("*.json"):
-        field_id = json.loads(path.read_text())["field"]
-        by_slide.setdefault(slide_of(field_id), []).append((field_id, path))
+    by_slide: dict[str, list[tuple[str, Path, FieldResult]]] = {}
+    for path in (output / PARTS).glob(f"*{PART_SUFFIX}"):
+        result = read_field(path)
+        by_slide.setdefault(slide_of(result.field), []).append((result.field, path, result))
     expected = expected or {}
-    types = {"slide": pa.string(), "field": pa.string(), "label": pa.string(), "p_parasitized": pa.float32()}
-    cell_schema = pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS])
+    cell_schema = _cell_schema(with_slide=True)
     field_rows, slide_rows, cells = [], [], 0
     with atomic_path(output / "cells.parquet") as temporary, pq.ParquetWriter(temporary, cell_schema) as writer:
         for slide in sorted(by_slide):
-            results = [read_part(path) for _, path in sorted(by_slide[slide])]
-            results = tidy(results) if tidy else results
-            for result in results:
-                row, cell_rows = result.table_rows(slide)
-                field_rows.append(row)
-                if cell_rows:
-                    writer.write_table(pa.Table.from_pylist(cell_rows, schema=cell_schema))
-                    cells += len(cell_rows)
+            parts = sorted(by_slide[slide], key=lambda part: (part[0], part[1]))
+            if tidy:  # the cells are needed as rows: read them whole
+                results = tidy([read_part(path) for _, path, _ in parts])
+                tables = [pa.Table.from_pylist(result.cell_rows, schema=_cell_schema(with_slide=False))
+                          for result in results]
+            else:
+                results = [result for _, _, result in parts]
+                tables = [pq.read_table(path).replace_schema_metadata(None) for _, path, _ in parts]
+            field_rows.extend({"slide": slide, **result.row()} for result in results)
+            table = pa.concat_tables(tables)
+            if table.num_rows:
+                writer.write_table(table.add_column(0, "slide", pa.array([slide] * table.num_rows, pa.string())))
+                cells += table.num_rows
             slide_rows.append(slide_row(slide, results, min_cells, expected.get(slide), decision))
     for name, rows in (("fields", field_rows), ("slides", slide_rows)):
         table = pa.Table.from_pylist(rows)

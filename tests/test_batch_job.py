@@ -136,11 +136,11 @@ def test_resume_after_a_killed_run(inputs, repository, tmp_path):
                "--repository", str(repository), "--max-pending", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list((output / "parts").glob("*.json"))) < 2:
+    while time.monotonic() < deadline and len(list((output / "parts").glob("*.parquet"))) < 2:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished = len(list((output / "parts").glob("*.json")))
+    finished = len(list((output / "parts").glob("*.parquet")))
     assert 2 <= finished < 12, "the run was not interrupted mid-way"
     resumed = run_cli("run", "--input", str(many), "--output", str(output), "--repository", str(repository), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -187,13 +187,13 @@ def test_ray_job_submit_and_stop_as_documented(server, tmp_path):
         running = ray(*words[:3], "--no-wait", *words[3:])  # the same job, not waited for
         job = re.search(r"Job '(\S+)' submitted successfully", running.stdout).group(1)
         deadline = time.monotonic() + 300
-        while len(list((stopped / "parts").glob("*.json"))) < 2:
+        while len(list((stopped / "parts").glob("*.parquet"))) < 2:
             assert time.monotonic() < deadline, "the job made no progress"
             time.sleep(0.05)
         stop = ray(*documented("ray job stop", **places, JOB_ID=job), timeout=120)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         logs = ray("ray", "job", "logs", "--address", cluster.dashboard_url, job, timeout=60).stdout
-    finished = len(list((stopped / "parts").glob("*.json")))
+    finished = len(list((stopped / "parts").glob("*.parquet")))
     assert finished < 24, "the premise: the job was stopped mid-way"
     said = re.search(r"interrupted: (\d+) of", logs)  # stopped by its own handler, not SIGKILL
     assert said and 2 <= int(said.group(1)) <= finished, logs[-2000:]

@@ -61,7 +61,7 @@ def start_job(cluster: LocalCluster, slides: Path, output: Path, urls: list[str]
 
 def wait_for_parts(output: Path, count: int, job: subprocess.Popen, seconds: float = 300) -> None:
     deadline = time.monotonic() + seconds
-    while len(list((output / "parts").glob("*.json"))) < count:
+    while len(list((output / "parts").glob("*.parquet"))) < count:
         assert job.poll() is None, f"the job ended before {count} slides were done: {job.stdout.read()[-2000:]}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.1)
@@ -172,7 +172,7 @@ def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, many_
     os.killpg(job.pid, signum)
     printed, _ = job.communicate(timeout=120)
     seconds = time.monotonic() - started
-    finished = len(list((output / "parts").glob("*.json")))
+    finished = len(list((output / "parts").glob("*.parquet")))
     total = 3 * INTERRUPTED_COPIES
     assert 2 <= finished < total, "the run was not interrupted mid-way"
     assert not list((output / "parts").glob(".tmp-*")) and not (output / "cells.parquet").exists()
