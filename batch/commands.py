@@ -11,6 +11,7 @@ from batch.driver import BatchOptions
 from cells.cli import add_command
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.client import POLICIES
+from deploy.commands import add_runtime_flag
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -24,6 +25,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model,
         repository=args.repository,
         server_threads=args.server_threads,
+        server_runtime=args.runtime,
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,
         max_pending=args.max_pending,
@@ -70,7 +72,8 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=defaults.model, help="model name on the server")
     parser.add_argument("--repository", type=Path, default=defaults.repository, help="model repository for the embedded Triton")
     parser.add_argument("--server-threads", type=int, default=defaults.server_threads,
-                        help="ONNX Runtime threads of the embedded Triton (0: one per core)")
+                        help="inference threads of the embedded Triton (0: one per core)")
+    add_runtime_flag(parser)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference request")
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, help="inference requests in flight")
     parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides in flight (0: two per task slot of the cluster)")

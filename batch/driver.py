@@ -49,7 +49,8 @@ class BatchOptions:
     protocol: str = "grpc"
     model: str = MODEL_NAME
     repository: Path = DEFAULT_REPOSITORY
-    server_threads: int = 0  # ONNX Runtime threads of the embedded Triton; 0: one per core
+    server_threads: int = 0  # inference threads of the embedded Triton; 0: one per core
+    server_runtime: str = "auto"  # the embedded Triton's CPU runtime (cells.runtime)
     batch_size: int = REQUEST_BATCH_SIZE
     max_in_flight: int = MAX_IN_FLIGHT
     max_pending: int = 0  # slides in flight at once; 0: two per task slot of the cluster
@@ -321,7 +322,8 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
     expand(options.inputs)  # fail fast on inputs that do not exist
     settings, decision = decided(options.settings, options.repository, options.model)
     options = replace(options, settings=settings)
-    server = None if options.triton_urls else EmbeddedServer(options.repository, threads=options.server_threads)
+    server = None if options.triton_urls else EmbeddedServer(options.repository, threads=options.server_threads,
+                                                                 runtime=options.server_runtime)
     urls = list(options.triton_urls) or [server.grpc_url if options.protocol == "grpc" else server.http_url]
     try:
         with stop.raising():

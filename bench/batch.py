@@ -41,6 +41,7 @@ class BenchOptions:
     name: str = MODEL_NAME
     finder: str = FieldSettings().finder  # the job's, and the one whose cost the "find" stage measures
     worker_cpus: float = BatchOptions.worker_cpus  # the job's `--worker-cpus`
+    runtime: str = BatchOptions.server_runtime  # the job's `--runtime`
 
 
 def cpu_model_name() -> str:
@@ -190,7 +191,8 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its processes."""
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
                "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size),
-               "--finder", options.finder, "--worker-cpus", str(options.worker_cpus)]
+               "--finder", options.finder, "--worker-cpus", str(options.worker_cpus),
+               "--runtime", options.runtime]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
     cpu: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU seconds at its last sample)

@@ -1,4 +1,4 @@
-"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown`."""
+"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown|runtimes`."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def _bench_batch(args: argparse.Namespace) -> int:
 
     bench_batch(BenchOptions(fields=args.fields, repository=args.repository, out=args.out, max_fields=args.max_fields,
                              threads=args.threads, batch_size=args.batch_size, tutorial_images=args.tutorial_images,
-                             finder=args.finder, worker_cpus=args.worker_cpus))
+                             finder=args.finder, worker_cpus=args.worker_cpus, runtime=args.runtime))
     return 0
 
 
@@ -55,6 +55,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
                         help="images timed through the tutorial's one-image loop (it is slow)")
     parser.add_argument("--finder", choices=FINDERS, default=defaults.finder, help="how the job finds cells")
     parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus, help="the job's --worker-cpus")
+    parser.add_argument("--runtime", default=defaults.runtime, help="the job's --runtime (its embedded Triton's)")
     parser.set_defaults(handler=_bench_batch)
 
 
@@ -98,6 +99,27 @@ def _configure_feed(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_feed)
 
 
+def _bench_runtimes(args: argparse.Namespace) -> int:
+    from bench.runtimes import RuntimeBenchOptions, bench_runtimes
+
+    bench_runtimes(RuntimeBenchOptions(fields=args.fields, repository=args.repository, out=args.out,
+                                       max_fields=args.max_fields, threads=args.threads, batch_size=args.batch_size))
+    return 0
+
+
+def _configure_runtimes(parser: argparse.ArgumentParser) -> None:
+    from bench.runtimes import RuntimeBenchOptions
+
+    defaults = RuntimeBenchOptions
+    parser.add_argument("--fields", type=Path, default=defaults.fields, help="folder of real smear fields")
+    parser.add_argument("--repository", type=Path, default=defaults.repository, help="repository whose models are run")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
+    parser.add_argument("--max-fields", type=int, default=defaults.max_fields, help="fields used, in name order")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="inference threads")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference call")
+    parser.set_defaults(handler=_bench_runtimes)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     benches = add_group(commands, "bench", "throughput benchmarks (numbers, not pass/fail)")
     add_command(benches, "batch", "the end-to-end job beside the bare models and the tutorial loop, on real fields",
@@ -107,3 +129,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                 _configure_feed)
     add_command(benches, "shutdown", "seconds from SIGTERM to exit: serve, web and run, started in the background",
                 _configure_shutdown)
+    add_command(benches, "runtimes", "ONNX Runtime against OpenVINO on this CPU, both models, speed and agreement",
+                _configure_runtimes)

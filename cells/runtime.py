@@ -1,6 +1,8 @@
-"""ONNX Runtime on CPU for the repository's models: evaluation, export parity and the embedded server share it."""
+"""The CPU runtimes of the repository's ONNX models (ONNX Runtime, OpenVINO): evaluation, export parity,
+benchmarks and the embedded server share them."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -35,3 +37,66 @@ class OnnxModel:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+class OpenVinoModel:
+    """`OnnxModel`'s contract, run from the same ONNX file by OpenVINO's CPU plugin, in its default
+    precision for this CPU: BF16 where the CPU has AMX or AVX-512 BF16, else FP32."""
+
+    def __init__(self, path: Path, batch_size: int = 64, threads: int = 0, input_name: str = INPUT_NAME,
+                 output_name: str = OUTPUT_NAME) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request, self.output = compiled.create_infer_request(), compiled.output(output_name)
+        self.batch_size, self.input_name = batch_size, input_name
+        self.lock = threading.Lock()  # one infer request, shared by the server's threads
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return predict_in_batches(self._run, images, self.batch_size)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.request.infer({self.input_name: batch})[self.output].copy()
+
+
+RUNTIMES = {"onnxruntime": OnnxModel, "openvino": OpenVinoModel}
+AUTO = "auto"
+# Which runtime ran each kind of model faster, by the CPU's kind: `smearscope bench runtimes`, the
+# released models, 2 threads (docs/performance.md, "CPU runtimes"). OpenVINO's speed on FP32 models
+# is BF16 (its default where the CPU has AMX or AVX-512 BF16; at FP32 it matched ONNX Runtime), so it
+# is chosen only where its answers passed the gates: the detector's cells F1 >= 0.99 against ONNX
+# Runtime's. On the INT8 (QDQ) classifier it was slower, and 0.3 % of its calls differed. A CPU kind
+# not measured keeps ONNX Runtime, the runtime the models were validated with.
+MEASURED_FASTER = {
+    ("amx", "int8"): "onnxruntime",  # Intel Xeon (AMX): 299 vs 217 img/s (issue 28)
+    ("amx", "fp32"): "openvino",  # detector 105 vs 31 fields/s
+    ("avx512-vnni", "int8"): "onnxruntime",  # AMD EPYC: 246 vs 237 img/s
+    ("avx512-vnni", "fp32"): "openvino",  # detector 41.0 vs 22.3 fields/s, cells F1 0.999
+}
+
+
+def cpu_kind(flags: set[str] | None = None) -> str:
+    """"amx", "avx512-vnni" or "avx2": what decides which runtime's CPU kernels are fastest."""
+    if flags is None:
+        lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    if "amx_int8" in flags:
+        return "amx"
+    return "avx512-vnni" if "avx512_vnni" in flags else "avx2"
+
+
+def is_quantized(path: Path) -> bool:
+    """An INT8 (QDQ) model: one with QuantizeLinear nodes."""
+    import onnx
+
+    return any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def choose_runtime(path: Path, runtime: str = AUTO, flags: set[str] | None = None) -> str:
+    """`runtime` itself, or for "auto" the one measured faster for this model's precision on this kind of CPU."""
+    if runtime != AUTO:
+        return runtime
+    return MEASURED_FASTER.get((cpu_kind(flags), "int8" if is_quantized(path) else "fp32"), "onnxruntime")

@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
             threads=args.threads,
+            runtime=args.runtime,
             parent_pid=args.parent_pid,
         )
     )
@@ -33,9 +34,17 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="inference threads (0: one per core)")
+    add_runtime_flag(parser)
     parser.add_argument("--parent-pid", type=int, help="shut down when this process is no longer our parent")
     parser.set_defaults(handler=_serve)
+
+
+def add_runtime_flag(parser: argparse.ArgumentParser) -> None:
+    from cells.runtime import AUTO, RUNTIMES
+
+    parser.add_argument("--runtime", choices=(AUTO, *RUNTIMES), default=AUTO,
+                        help="CPU runtime of the models (auto: for each model, the one measured faster on this kind of CPU)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:

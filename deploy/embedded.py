@@ -37,6 +37,7 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     threads: int = 0
+    runtime: str = "auto"  # cells.runtime: onnxruntime, openvino, or auto (measured faster on this CPU)
     parent_pid: int | None = None  # shut down once this process (the launcher) is gone
 
 
@@ -81,17 +82,18 @@ def _fix_python_backend_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
-def _bind(triton, name: str, onnx: Path, config, threads: int) -> None:
-    """One repository model in PyTriton, with its config's tensors, batching and queue policy."""
+def _bind(triton, name: str, onnx: Path, config, threads: int, runtime: str) -> None:
+    """One repository model in PyTriton, run by `runtime` (cells.runtime), with its config's
+    tensors, batching and queue policy."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
     from tritonclient.grpc import model_config_pb2 as pb
 
-    from cells.runtime import OnnxModel
+    from cells.runtime import RUNTIMES
 
     input_config, output_config = config.input[0], config.output[0]
-    model = OnnxModel(onnx, batch_size=max(1, config.max_batch_size), threads=threads,
-                      input_name=input_config.name, output_name=output_config.name)
+    model = RUNTIMES[runtime](onnx, batch_size=max(1, config.max_batch_size), threads=threads,
+                              input_name=input_config.name, output_name=output_config.name)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -130,7 +132,10 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     SIGINT/SIGTERM or `stop` is set."""
     from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
 
+    from cells.runtime import choose_runtime
+
     models = {name: servable_onnx(options.repository, name) for name in model_names(options)}
+    runtimes = {name: choose_runtime(onnx, options.runtime) for name, (onnx, _) in models.items()}
     for port in (options.http_port, options.grpc_port, options.metrics_port):
         check_port_free(options.host, port)
     stop = stop or threading.Event()
@@ -154,9 +159,9 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     lifecycle = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=False)
     with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
         for name, (onnx, config) in models.items():
-            _bind(triton, name, onnx, config, options.threads)
+            _bind(triton, name, onnx, config, options.threads, runtimes[name])
         triton.run()
-        served = ", ".join(f"{name} ({onnx})" for name, (onnx, _) in models.items())
+        served = ", ".join(f"{name} ({onnx}, {runtimes[name]})" for name, (onnx, _) in models.items())
         print(
             f"serving {served} on http://{options.host}:{options.http_port} "
             f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",

@@ -36,9 +36,10 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         threads: int = 0,
         startup_timeout: float = 120.0,
+        runtime: str = "auto",
     ) -> None:
         self.repository, self.names, self.host = Path(repository), tuple(names), host
-        self.threads, self.startup_timeout = threads, startup_timeout
+        self.threads, self.startup_timeout, self.runtime = threads, startup_timeout, runtime
         self.http_port, self.grpc_port, self.metrics_port = (free_port(host) for _ in range(3))
         self.access_token = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
@@ -62,6 +63,7 @@ class EmbeddedServer:
             *(["--name", *self.names] if self.names else []),
             "--host", self.host, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--threads", str(self.threads),
+            "--runtime", self.runtime,
             "--parent-pid", str(os.getpid()),  # a killed launcher must not leave its server running
         ]
         env = {**os.environ, ACCESS_TOKEN_ENV: self.access_token}

@@ -95,7 +95,7 @@ def server(repository):
     """A real embedded Triton on free loopback ports, shared by the serving tests."""
     from deploy.server import EmbeddedServer
 
-    with EmbeddedServer(repository) as running:
+    with EmbeddedServer(repository, runtime="onnxruntime") as running:  # answers equal to ONNX Runtime in-process
         yield running
 
 

@@ -62,3 +62,16 @@ def test_bench_feed_reports_the_pipeline_around_stand_in_models(tmp_path):
                 "core_ms_per_cell_by_process", "stages_core_ms_per_cell"):
         assert report[key], key
     assert report["fields"] == 6 and report["cells"] > 0
+
+
+def test_bench_runtimes_reports_both_runtimes_on_both_models(tmp_path):
+    out = tmp_path / "runtimes.json"
+    result = run_cli("bench", "runtimes", "--fields", str(FIXTURES / "smears"), "--out", str(out), "--max-fields", "1",
+                     timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["cpu"] and report["crops"] > 0
+    assert set(report["models"]) == {"classifier INT8 (shipped)", "classifier FP32", "detector FP32"}
+    for row in report["models"].values():
+        assert row["onnxruntime"]["per_s"] > 0 and row["openvino"]["per_s"] > 0
+    assert report["models"]["detector FP32"]["openvino_cells_f1_vs_onnxruntime"] > 0

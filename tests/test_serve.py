@@ -148,7 +148,7 @@ def test_contract_mismatch_fails_at_connect(server):
 
 
 def test_client_fails_over_from_a_killed_server(server, repository, crops, expected):
-    with EmbeddedServer(repository) as doomed:
+    with EmbeddedServer(repository, runtime="onnxruntime") as doomed:
         many = np.concatenate([crops] * 20)  # seconds of work on any CPU: the kill lands mid-way
 
         async def run():
@@ -322,7 +322,7 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
     small = tmp_path / "repo"
     shutil.copytree(repository, small)
     write_model_config(small, ServingParameters(max_queue_size=2))
-    with EmbeddedServer(small, threads=1) as running:
+    with EmbeddedServer(small, threads=1, runtime="onnxruntime") as running:
         peak = _tree_rss_mib(running.process.pid)
         idle = peak
 
@@ -347,3 +347,35 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
     assert retried > 0, "the queue limit never rejected anything"
     print(f"overload: 32 clients, queue 2: {retried} rejections retried; server RSS {idle:.0f} MiB idle, "
           f"{peak:.0f} MiB peak")
+
+
+def test_openvino_serves_both_contracts_with_onnx_runtimes_calls_and_cells(crops):
+    """`--runtime openvino`: the released classifier's calls and the detector's cells as ONNX Runtime's."""
+    import tritonclient.grpc as grpcclient
+
+    from cells.contract import DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT
+    from cells.detect import cells_from_maps, detector_input
+    from cells.detection_eval import AnnotatedBox, load_rgb, score_field
+    from cells.repository import DEFAULT_REPOSITORY, served_onnx
+    from tests.conftest import FIXTURES
+
+    field = load_rgb(FIXTURES / "smears" / "PA171691.JPG")
+    small, factor = detector_input(field)
+    reference = OnnxModel(served_onnx(DEFAULT_REPOSITORY, DETECTOR_NAME), batch_size=1, input_name=DETECTOR_INPUT,
+                          output_name=DETECTOR_OUTPUT)(small[None])[0]
+    expected = OnnxModel(served_onnx(DEFAULT_REPOSITORY, MODEL_NAME))(crops)
+    with EmbeddedServer(DEFAULT_REPOSITORY, runtime="openvino") as running:
+        assert "openvino" in Path(running.log.name).read_text()
+        probabilities = classify(ClientOptions((running.grpc_url,), batch_size=16), crops)
+        client = grpcclient.InferenceServerClient(running.grpc_url)
+        request = grpcclient.InferInput(DETECTOR_INPUT, [1, *small.shape], "UINT8")
+        request.set_data_from_numpy(small[None])
+        maps = client.infer(DETECTOR_NAME, [request]).as_numpy(DETECTOR_OUTPUT)[0]
+        client.close()
+    threshold = read_decision(DEFAULT_REPOSITORY / MODEL_NAME).threshold
+    assert np.abs(probabilities - expected).max() < 0.05
+    assert np.mean((probabilities[:, 0] >= threshold) == (expected[:, 0] >= threshold)) >= 0.97
+    cells = cells_from_maps(maps, field.shape[:2], factor)
+    reference_cells = [AnnotatedBox(c.box, "red blood cell") for c in cells_from_maps(reference, field.shape[:2], factor)]
+    assert len(reference_cells) > 50
+    assert score_field([c.box for c in cells], reference_cells, field.shape[1], field.shape[0]).f1 >= 0.99

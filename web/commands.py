@@ -8,6 +8,7 @@ from batch.commands import add_field_flags, field_settings
 from cells.cli import add_command
 from cells.contract import MODEL_NAME
 from cells.repository import DEFAULT_REPOSITORY
+from deploy.commands import add_runtime_flag
 from web.options import MIB, WebOptions
 
 DEFAULTS = WebOptions(triton_urls=())
@@ -25,7 +26,7 @@ def _web(args: argparse.Namespace) -> int:
 
     stop = StopSignals().install()  # uvicorn handles signals while it serves, and hands them back after
     urls = tuple(args.triton_url or ())
-    server = None if urls else EmbeddedServer(args.repository, threads=args.server_threads)
+    server = None if urls else EmbeddedServer(args.repository, threads=args.server_threads, runtime=args.runtime)
     try:
         with stop.raising():
             if server is not None:
@@ -54,7 +55,8 @@ def configure_web(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; default: start an embedded one")
     parser.add_argument("--protocol", choices=("grpc", "http"), default=DEFAULTS.protocol, help="how to talk to Triton")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository for the embedded Triton, and whose decision.json sets the threshold")
-    parser.add_argument("--server-threads", type=int, default=0, help="ONNX Runtime threads of the embedded Triton (0: one per core)")
+    parser.add_argument("--server-threads", type=int, default=0, help="inference threads of the embedded Triton (0: one per core)")
+    add_runtime_flag(parser)
     parser.add_argument("--max-upload-mib", type=float, default=DEFAULTS.max_upload_bytes / MIB, help="larger uploads are refused (413)")
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers, help="fields analysed at once; others wait their turn")
     parser.add_argument("--max-queued", type=int, default=DEFAULTS.max_queued, help="fields waiting beyond which requests get 503")

@@ -1,0 +1,115 @@
+"""`smearscope bench runtimes`: ONNX Runtime against OpenVINO on this CPU, for both models, in one run.
+
+Each runtime and model in a process of its own, on the same inputs: the classifier on the crops of
+real fields (the shipped INT8 model, and its FP32 source), the detector on the same fields at its
+input size. Reported: img/s (fields/s), and how far each OpenVINO answer is from ONNX Runtime's on
+the same model (largest probability difference and share of calls that agree at the model's
+threshold; for the detector, F1 of its cells against ONNX Runtime's). `cells/runtime.py`'s
+`MEASURED_FASTER` is written from these reports, one per kind of CPU.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.batch import cpu_model_name, field_paths, in_child, rate
+from cells.contract import DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, MODEL_NAME, PARASITIZED
+from cells.repository import DEFAULT_REPOSITORY
+
+
+@dataclass(frozen=True)
+class RuntimeBenchOptions:
+    fields: Path = Path("tests/fixtures/smears")
+    repository: Path = DEFAULT_REPOSITORY
+    out: Path = Path("bench/results/runtimes.json")
+    max_fields: int = 20
+    threads: int = 2
+    batch_size: int = 64
+
+
+def _inputs(paths: list[Path], scratch: Path) -> tuple[Path, Path]:
+    """The fields' crops (classical finder: no model in the way) and detector inputs, saved for the children."""
+    from batch.slides import decode, find_classical
+    from cells.detect import detector_input
+    from cells.find import cell_crops
+    from cells.stain import normalise_stain
+
+    crops, smalls = [], []
+    for path in paths:
+        image = decode(path.read_bytes())
+        crops.append(normalise_stain(cell_crops(image, find_classical(image))))
+        smalls.append(detector_input(image)[0])
+    np.save(scratch / "crops.npy", np.concatenate(crops))
+    np.save(scratch / "fields.npy", np.stack(smalls))
+    return scratch / "crops.npy", scratch / "fields.npy"
+
+
+def _timed(runtime: str, model: Path, inputs: Path, answers: Path, threads: int, batch_size: int, detector: bool) -> dict:
+    from cells.runtime import RUNTIMES
+
+    names = {"input_name": DETECTOR_INPUT, "output_name": DETECTOR_OUTPUT} if detector else {}
+    predict = RUNTIMES[runtime](model, batch_size=batch_size, threads=threads, **names)
+    result = rate(predict, np.load(inputs), batch_size)
+    np.save(answers, predict(np.load(inputs)))
+    return result
+
+
+def _cells_f1(maps: np.ndarray, reference: np.ndarray) -> float:
+    """F1 of the cells found in `maps` against those found in `reference`, over every field."""
+    from cells.detect import cells_from_maps
+    from cells.detection_eval import AnnotatedBox, score_field
+
+    total = None
+    for found, expected in zip(maps, reference):
+        shape = (found.shape[0] * 4, found.shape[1] * 4)
+        boxes = [c.box for c in cells_from_maps(found, shape, 4.0)]
+        wanted = [AnnotatedBox(c.box, "red blood cell") for c in cells_from_maps(expected, shape, 4.0)]
+        match = score_field(boxes, wanted, shape[1], shape[0])
+        total = match if total is None else total + match
+    return total.f1
+
+
+def bench_runtimes(options: RuntimeBenchOptions) -> dict:
+    from cells.decision import read_decision
+    from cells.repository import engine_source, model_dir, served_onnx
+    from export.cpu_model import upcast_to_fp32
+
+    paths = field_paths(options.fields, options.max_fields)
+    threshold = read_decision(model_dir(options.repository, MODEL_NAME)).threshold
+    models = {"classifier INT8 (shipped)": served_onnx(options.repository, MODEL_NAME)}
+    report: dict = {"cpu": cpu_model_name(), "threads": options.threads, "fields": len(paths), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="smearscope-runtimes-") as scratch:
+        scratch = Path(scratch)
+        crops, fields = _inputs(paths, scratch)
+        models["classifier FP32"] = upcast_to_fp32(engine_source(options.repository, MODEL_NAME), scratch / "fp32.onnx")
+        models["detector FP32"] = served_onnx(options.repository, DETECTOR_NAME)
+        report["crops"] = int(len(np.load(crops)))
+        for label, model in models.items():
+            detector = label.startswith("detector")
+            inputs, batch = (fields, 1) if detector else (crops, options.batch_size)
+            row = {}
+            for runtime in ("onnxruntime", "openvino"):
+                answers = scratch / f"{runtime}.npy"
+                timed = in_child(_timed, runtime, model, inputs, answers, options.threads, batch, detector,
+                                 one_blas_thread=True)
+                row[runtime] = {"per_s": timed["images_per_s"], "core_ms": timed["core_ms_per_image"],
+                                "peak_rss_mib": timed["peak_rss_mib"]}
+            ort, ov = np.load(scratch / "onnxruntime.npy"), np.load(scratch / "openvino.npy")
+            if detector:
+                row["openvino_cells_f1_vs_onnxruntime"] = _cells_f1(ov, ort)
+            else:
+                row["openvino_max_abs_diff"] = float(np.abs(ov - ort).max())
+                row["openvino_calls_agree"] = float(np.mean((ov[:, PARASITIZED] >= threshold)
+                                                            == (ort[:, PARASITIZED] >= threshold)))
+            row["openvino_vs_onnxruntime"] = row["openvino"]["per_s"] / row["onnxruntime"]["per_s"]
+            report["models"][label] = row
+            print(f"{label}: ONNX Runtime {row['onnxruntime']['per_s']:.1f}/s, OpenVINO {row['openvino']['per_s']:.1f}/s "
+                  f"({row['openvino_vs_onnxruntime']:.2f}x)", flush=True)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
