@@ -199,23 +199,22 @@ def write_tables(output: Path, slide_of: Callable[[str], str] = str, min_cells: 
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    by_slide: dict[str, list[tuple[str, Path, FieldResult]]] = {}
+    by_slide: dict[str, list[tuple[Path, FieldResult]]] = {}
     for path in (output / PARTS).glob(f"*{PART_SUFFIX}"):
         result = read_field(path)
-        by_slide.setdefault(slide_of(result.field), []).append((result.field, path, result))
+        by_slide.setdefault(slide_of(result.field), []).append((path, result))
     expected = expected or {}
-    cell_schema = _cell_schema(with_slide=True)
+    cell_schema, part_schema = _cell_schema(with_slide=True), _cell_schema(with_slide=False)
     field_rows, slide_rows, cells = [], [], 0
     with atomic_path(output / "cells.parquet") as temporary, pq.ParquetWriter(temporary, cell_schema) as writer:
         for slide in sorted(by_slide):
-            parts = sorted(by_slide[slide], key=lambda part: (part[0], part[1]))
+            parts = sorted(by_slide[slide], key=lambda part: (part[1].field, part[0]))
             if tidy:  # the cells are needed as rows: read them whole
-                results = tidy([read_part(path) for _, path, _ in parts])
-                tables = [pa.Table.from_pylist(result.cell_rows, schema=_cell_schema(with_slide=False))
-                          for result in results]
+                results = tidy([read_part(path) for path, _ in parts])
+                tables = [pa.Table.from_pylist(result.cell_rows, schema=part_schema) for result in results]
             else:
-                results = [result for _, _, result in parts]
-                tables = [pq.read_table(path).replace_schema_metadata(None) for _, path, _ in parts]
+                results = [result for _, result in parts]
+                tables = [pq.read_table(path).replace_schema_metadata(None) for path, _ in parts]
             field_rows.extend({"slide": slide, **result.row()} for result in results)
             table = pa.concat_tables(tables)
             if table.num_rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.batch import cpu_model_name, field_paths, in_child, rate
-from cells.contract import DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, MODEL_NAME, PARASITIZED
+from cells.contract import DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, DETECTOR_SCALE, MODEL_NAME, PARASITIZED
 from cells.repository import DEFAULT_REPOSITORY
 
 
@@ -53,8 +53,9 @@ def _timed(runtime: str, model: Path, inputs: Path, answers: Path, threads: int,
 
     names = {"input_name": DETECTOR_INPUT, "output_name": DETECTOR_OUTPUT} if detector else {}
     predict = RUNTIMES[runtime](model, batch_size=batch_size, threads=threads, **names)
-    result = rate(predict, np.load(inputs), batch_size)
-    np.save(answers, predict(np.load(inputs)))
+    images = np.load(inputs)
+    result = rate(predict, images, batch_size)
+    np.save(answers, predict(images))
     return result
 
 
@@ -65,9 +66,9 @@ def _cells_f1(maps: np.ndarray, reference: np.ndarray) -> float:
 
     total = None
     for found, expected in zip(maps, reference):
-        shape = (found.shape[0] * 4, found.shape[1] * 4)
-        boxes = [c.box for c in cells_from_maps(found, shape, 4.0)]
-        wanted = [AnnotatedBox(c.box, "red blood cell") for c in cells_from_maps(expected, shape, 4.0)]
+        shape = (found.shape[0] * DETECTOR_SCALE, found.shape[1] * DETECTOR_SCALE)  # the default cell size's scale
+        boxes = [c.box for c in cells_from_maps(found, shape, DETECTOR_SCALE)]
+        wanted = [AnnotatedBox(c.box, "red blood cell") for c in cells_from_maps(expected, shape, DETECTOR_SCALE)]
         match = score_field(boxes, wanted, shape[1], shape[0])
         total = match if total is None else total + match
     return total.f1
