@@ -1,10 +1,12 @@
 """`smearscope bench runtimes`: ONNX Runtime against OpenVINO on this CPU, for both models, in one run.
 
 Each runtime and model in a process of its own, on the same inputs: the classifier on the crops of
-real fields (the shipped INT8 model, and its FP32 source), the detector on the same fields at its
-input size. Reported: img/s (fields/s), and how far each OpenVINO answer is from ONNX Runtime's on
-the same model (largest probability difference and share of calls that agree at the model's
-threshold; for the detector, F1 of its cells against ONNX Runtime's). `cells/runtime.py`'s
+real fields (the shipped INT8 models: ONNX Runtime's QDQ ONNX and OpenVINO's own NNCF model; and
+their FP32 source), the detector on the same fields at its input size. Each runtime runs what and
+how the embedded server would: OpenVINO splits the classifier's batches over its CPU streams.
+Reported: img/s (fields/s), core-ms per image, peak RSS of the process, and how far each OpenVINO
+answer is from ONNX Runtime's (largest probability difference and share of calls that agree at the
+model's threshold; for the detector, F1 of its cells against ONNX Runtime's). `cells/runtime.py`'s
 `MEASURED_FASTER` is written from these reports, one per kind of CPU.
 """
 from __future__ import annotations
@@ -52,56 +54,48 @@ def _timed(runtime: str, model: Path, inputs: Path, answers: Path, threads: int,
     from cells.runtime import RUNTIMES
 
     names = {"input_name": DETECTOR_INPUT, "output_name": DETECTOR_OUTPUT} if detector else {}
-    predict = RUNTIMES[runtime](model, batch_size=batch_size, threads=threads, **names)
+    throughput = {"throughput": not detector} if runtime == "openvino" else {}
+    predict = RUNTIMES[runtime](model, batch_size=batch_size, threads=threads, **names, **throughput)
     images = np.load(inputs)
     result = rate(predict, images, batch_size)
     np.save(answers, predict(images))
     return result
 
 
-def _cells_f1(maps: np.ndarray, reference: np.ndarray) -> float:
-    """F1 of the cells found in `maps` against those found in `reference`, over every field."""
-    from cells.detect import cells_from_maps
-    from cells.detection_eval import AnnotatedBox, score_field
-
-    total = None
-    for found, expected in zip(maps, reference):
-        shape = (found.shape[0] * DETECTOR_SCALE, found.shape[1] * DETECTOR_SCALE)  # the default cell size's scale
-        boxes = [c.box for c in cells_from_maps(found, shape, DETECTOR_SCALE)]
-        wanted = [AnnotatedBox(c.box, "red blood cell") for c in cells_from_maps(expected, shape, DETECTOR_SCALE)]
-        match = score_field(boxes, wanted, shape[1], shape[0])
-        total = match if total is None else total + match
-    return total.f1
-
-
 def bench_runtimes(options: RuntimeBenchOptions) -> dict:
     from cells.decision import read_decision
-    from cells.repository import engine_source, model_dir, served_onnx
+    from cells.detection_eval import same_cells_f1
+    from cells.repository import engine_source, model_dir, runtime_model, served_onnx
     from export.cpu_model import upcast_to_fp32
 
     paths = field_paths(options.fields, options.max_fields)
     threshold = read_decision(model_dir(options.repository, MODEL_NAME)).threshold
-    models = {"classifier INT8 (shipped)": served_onnx(options.repository, MODEL_NAME)}
+    models = {"classifier INT8 (shipped)": {runtime: runtime_model(options.repository, MODEL_NAME, runtime)
+                                            for runtime in ("onnxruntime", "openvino")}}
     report: dict = {"cpu": cpu_model_name(), "threads": options.threads, "fields": len(paths), "models": {}}
     with tempfile.TemporaryDirectory(prefix="smearscope-runtimes-") as scratch:
         scratch = Path(scratch)
         crops, fields = _inputs(paths, scratch)
-        models["classifier FP32"] = upcast_to_fp32(engine_source(options.repository, MODEL_NAME), scratch / "fp32.onnx")
-        models["detector FP32"] = served_onnx(options.repository, DETECTOR_NAME)
+        fp32 = upcast_to_fp32(engine_source(options.repository, MODEL_NAME), scratch / "fp32.onnx")
+        models["classifier FP32"] = {"onnxruntime": fp32, "openvino": fp32}
+        detector_onnx = served_onnx(options.repository, DETECTOR_NAME)
+        models["detector FP32"] = {"onnxruntime": detector_onnx, "openvino": detector_onnx}
         report["crops"] = int(len(np.load(crops)))
         for label, model in models.items():
             detector = label.startswith("detector")
             inputs, batch = (fields, 1) if detector else (crops, options.batch_size)
-            row = {}
+            row = {"files": {runtime: path.name for runtime, path in model.items()}}
             for runtime in ("onnxruntime", "openvino"):
                 answers = scratch / f"{runtime}.npy"
-                timed = in_child(_timed, runtime, model, inputs, answers, options.threads, batch, detector,
+                timed = in_child(_timed, runtime, model[runtime], inputs, answers, options.threads, batch, detector,
                                  one_blas_thread=True)
                 row[runtime] = {"per_s": timed["images_per_s"], "core_ms": timed["core_ms_per_image"],
                                 "peak_rss_mib": timed["peak_rss_mib"]}
             ort, ov = np.load(scratch / "onnxruntime.npy"), np.load(scratch / "openvino.npy")
             if detector:
-                row["openvino_cells_f1_vs_onnxruntime"] = _cells_f1(ov, ort)
+                shape = (ov.shape[1] * DETECTOR_SCALE, ov.shape[2] * DETECTOR_SCALE)  # the default cell size's scale
+                row["openvino_cells_f1_vs_onnxruntime"] = same_cells_f1(
+                    [(found, wanted, shape, DETECTOR_SCALE) for found, wanted in zip(ov, ort)])
             else:
                 row["openvino_max_abs_diff"] = float(np.abs(ov - ort).max())
                 row["openvino_calls_agree"] = float(np.mean((ov[:, PARASITIZED] >= threshold)

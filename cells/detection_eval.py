@@ -197,6 +197,21 @@ def score_field(
     )
 
 
+def same_cells_f1(fields: Sequence[tuple[np.ndarray, np.ndarray, tuple[int, int], float]]) -> float:
+    """F1 of the cells found in each field's maps against those found in its reference maps (the
+    same field through another runtime or precision), over every field: whether a change keeps the
+    cells. Each field: (maps, reference maps, full-resolution shape, factor back to it)."""
+    from cells.detect import cells_from_maps
+
+    total = None
+    for maps, reference, shape, factor in fields:
+        found = [cell.box for cell in cells_from_maps(maps, shape, factor)]
+        wanted = [AnnotatedBox(cell.box, "red blood cell") for cell in cells_from_maps(reference, shape, factor)]
+        match = score_field(found, wanted, shape[1], shape[0])
+        total = match if total is None else total + match
+    return total.f1
+
+
 MERGE_COVER = 0.6  # a box holding this much of two annotated cells holds both
 
 

@@ -1,6 +1,10 @@
 """What a Triton model repository's layout means, for export (which writes it) and serve (which reads it).
 
-    <repository>/<model>/config.pbtxt, labels.txt, 1/model.onnx | 1/model.plan [, source/model.onnx]
+    <repository>/<model>/config.pbtxt, labels.txt, 1/model.onnx | 1/model.plan [, 1/model.xml + model.bin]
+                         [, source/model.onnx] [, configs/openvino.pbtxt]
+
+1/model.xml is the OpenVINO model of a CPU repository (the classifier's INT8 by NNCF); the
+`openvino` config serves the version with Triton's OpenVINO backend (`--model-config-name=openvino`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ CONFIG_FILE = "config.pbtxt"
 VERSION = 1
 # The file each platform serves from a version directory, in order of preference.
 PLATFORM_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
+OPENVINO_FILE = "model.xml"  # its weights: model.bin beside it
+CONFIGS_DIR = "configs"  # Triton's custom configs, chosen by `tritonserver --model-config-name`
+OPENVINO_CONFIG = "openvino"
 # Not a version (Triton ignores directories that are not numbers): the FP16 ONNX beside an INT8 version.
 SOURCE_DIR = "source"
 
@@ -38,6 +45,21 @@ def version_dir(repository: Path, name: str) -> Path:
 def served_onnx(repository: Path, name: str) -> Path:
     """The ONNX model Triton serves on CPUs: 1/model.onnx."""
     return version_dir(repository, name) / "model.onnx"
+
+
+def openvino_model(repository: Path, name: str) -> Path:
+    """1/model.xml: the model OpenVINO serves where export made one (else it serves 1/model.onnx)."""
+    return version_dir(repository, name) / OPENVINO_FILE
+
+
+def runtime_model(repository: Path, name: str, runtime: str) -> Path:
+    """The file `runtime` (cells.runtime) serves: OpenVINO its own model where there is one."""
+    own = openvino_model(repository, name)
+    return own if runtime == "openvino" and own.is_file() else served_onnx(repository, name)
+
+
+def custom_config(repository: Path, name: str, config_name: str) -> Path:
+    return model_dir(repository, name) / CONFIGS_DIR / f"{config_name}.pbtxt"
 
 
 def source_onnx(repository: Path, name: str) -> Path:

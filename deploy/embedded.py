@@ -1,7 +1,7 @@
-"""`smearscope serve`: a real Triton server (PyTriton's tritonserver) serving the repository's ONNX model.
+"""`smearscope serve`: a real Triton server (PyTriton's tritonserver) serving the repository's models.
 
-PyTriton 0.7 ships tritonserver with the Python backend only, so the ONNX model runs in ONNX Runtime
-behind that backend, under the repository's model name and with its config's inputs, outputs,
+PyTriton 0.7 ships tritonserver with the Python backend only, so each model runs in ONNX Runtime or
+OpenVINO (cells.runtime) behind that backend, under the repository's model name and with its config's inputs, outputs,
 max_batch_size and dynamic batching: clients cannot tell it from Triton's onnxruntime backend.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 
 from cells.errors import UserError
-from cells.repository import CONFIG_FILE, model_dir, read_model_config, served_onnx
+from cells.repository import CONFIG_FILE, model_dir, read_model_config, runtime_model, served_onnx
 
 ACCESS_TOKEN_ENV = "SMEARSCOPE_TRITON_ACCESS_TOKEN"
 
@@ -59,8 +59,8 @@ def model_names(options: ServeOptions) -> tuple[str, ...]:
     return names
 
 
-def servable_onnx(repository: Path, name: str) -> tuple[Path, object]:
-    """The ONNX file and parsed config of the named model, or a one-line reason why not."""
+def servable_config(repository: Path, name: str):
+    """The parsed config of the named model, which has an ONNX model, or a one-line reason why not."""
     model = model_dir(repository, name)
     if not (model / CONFIG_FILE).is_file():
         raise ServeError(f"no model {name!r} in repository {repository} (missing {CONFIG_FILE})")
@@ -71,7 +71,7 @@ def servable_onnx(repository: Path, name: str) -> tuple[Path, object]:
             f"{model} has no {onnx.parent.name}/model.onnx; this CPU server runs ONNX models "
             "(a model.plan needs the GPU container: deploy/gpu/docker-compose.yml)"
         )
-    return onnx, config
+    return config
 
 
 def _fix_python_backend_environment() -> None:
@@ -82,9 +82,9 @@ def _fix_python_backend_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
-def _bind(triton, name: str, onnx: Path, config, threads: int, runtime: str) -> None:
-    """One repository model in PyTriton, run by `runtime` (cells.runtime), with its config's
-    tensors, batching and queue policy."""
+def _bind(triton, name: str, path: Path, config, threads: int, runtime: str) -> None:
+    """One repository model in PyTriton, run by `runtime` (cells.runtime) from `path`, with its
+    config's tensors, batching and queue policy."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
     from tritonclient.grpc import model_config_pb2 as pb
@@ -92,8 +92,10 @@ def _bind(triton, name: str, onnx: Path, config, threads: int, runtime: str) -> 
     from cells.runtime import RUNTIMES
 
     input_config, output_config = config.input[0], config.output[0]
-    model = RUNTIMES[runtime](onnx, batch_size=max(1, config.max_batch_size), threads=threads,
-                              input_name=input_config.name, output_name=output_config.name)
+    # Fixed-size inputs (crops) come many to a request: OpenVINO splits each over its CPU streams.
+    throughput = {"throughput": all(dim > 0 for dim in input_config.dims)} if runtime == "openvino" else {}
+    model = RUNTIMES[runtime](path, batch_size=max(1, config.max_batch_size), threads=threads,
+                              input_name=input_config.name, output_name=output_config.name, **throughput)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -134,8 +136,9 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
 
     from cells.runtime import choose_runtime
 
-    models = {name: servable_onnx(options.repository, name) for name in model_names(options)}
-    runtimes = {name: choose_runtime(onnx, options.runtime) for name, (onnx, _) in models.items()}
+    configs = {name: servable_config(options.repository, name) for name in model_names(options)}
+    runtimes = {name: choose_runtime(options.repository, name, options.runtime) for name in configs}
+    models = {name: (runtime_model(options.repository, name, runtimes[name]), configs[name]) for name in configs}
     for port in (options.http_port, options.grpc_port, options.metrics_port):
         check_port_free(options.host, port)
     stop = stop or threading.Event()
@@ -158,10 +161,10 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     # Models are bound first and Triton started with them all by run(): each loads once, with its full config.
     lifecycle = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=False)
     with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
-        for name, (onnx, config) in models.items():
-            _bind(triton, name, onnx, config, options.threads, runtimes[name])
+        for name, (path, config) in models.items():
+            _bind(triton, name, path, config, options.threads, runtimes[name])
         triton.run()
-        served = ", ".join(f"{name} ({onnx}, {runtimes[name]})" for name, (onnx, _) in models.items())
+        served = ", ".join(f"{name} ({path}, {runtimes[name]})" for name, (path, _) in models.items())
         print(
             f"serving {served} on http://{options.host}:{options.http_port} "
             f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",

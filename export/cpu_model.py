@@ -1,8 +1,12 @@
-"""The fast CPU model: INT8 by ONNX Runtime static quantisation (QDQ, per-channel), calibrated on real crops.
+"""The fast CPU models: INT8 for each CPU runtime, calibrated on the same real crops, gated alike.
 
 FP16 ONNX has no fast CPU kernels (ONNX Runtime casts around FP32 ones), so CPU repositories serve
-INT8: weights int8 per output channel, activations uint8 with ranges from the calibration crops.
-Its kernels use VNNI (AVX-512 or AVX2) or AMX where the CPU has them, plain AVX2 otherwise.
+INT8: for ONNX Runtime, static quantisation to QDQ (weights int8 per output channel, activations
+uint8); for OpenVINO, NNCF's post-training quantisation to its own model (model.xml + model.bin).
+Both calibrate on the same crops, drawn at random from the training patients (drawn half from each
+class instead, both lost more accuracy: docs/performance.md), and each may lose at most 0.5 points
+of accuracy against FP32 on the validation patients. Their kernels use VNNI
+(AVX-512 or AVX2) or AMX where the CPU has them, plain AVX2 otherwise.
 """
 from __future__ import annotations
 
@@ -72,7 +76,20 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
     return out
 
 
-def gate_int8(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> tuple[dict, list[str]]:
+def openvino_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
+    """NNCF's INT8 for OpenVINO (its defaults: symmetric ranges, fast bias correction), with activation
+    ranges from `calibration` crops; `out` is the model.xml, its model.bin beside it."""
+    import nncf
+    import openvino as ov
+
+    batches = [calibration[i : i + CALIBRATION_BATCH] for i in range(0, len(calibration), CALIBRATION_BATCH)]
+    quantized = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(batches), subset_size=len(batches))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(out))
+    return out
+
+
+def gate_int8(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, name: str) -> tuple[dict, list[str]]:
     """Accuracy of both on labelled validation cells; INT8 may lose at most MAX_ACCURACY_DROP of it."""
     accuracy32 = float(np.mean(fp32.argmax(1) == labels)) if len(labels) else 1.0
     accuracy8 = float(np.mean(int8.argmax(1) == labels)) if len(labels) else 1.0
@@ -87,7 +104,7 @@ def gate_int8(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> tuple[d
     failures = []
     if accuracy32 - accuracy8 > MAX_ACCURACY_DROP:
         failures.append(
-            f"INT8 accuracy {accuracy8:.2%} is {100 * (accuracy32 - accuracy8):.2f} points below FP32 "
+            f"{name} accuracy {accuracy8:.2%} is {100 * (accuracy32 - accuracy8):.2f} points below FP32 "
             f"{accuracy32:.2%} on {len(labels)} validation cells (limit {100 * MAX_ACCURACY_DROP:.1f})"
         )
     return report, failures
@@ -116,12 +133,20 @@ def gate_cells(data: Path, split: Path | None, calibration_count: int = CALIBRAT
     return load_cells(calibration).images, load_cells(validation)
 
 
-def int8_model(fp32: Path, work: Path, calibration: np.ndarray, validation) -> tuple[Path, dict, list[str]]:
-    """Quantise, then gate on the validation cells: (INT8 path, gate report, reasons it fails)."""
-    from cells.runtime import OnnxModel
+def int8_models(fp32: Path, work: Path, calibration: np.ndarray, validation) -> tuple[dict[str, Path], dict, list[str]]:
+    """Quantise for both runtimes, then gate each on the validation cells: ({runtime: INT8 path},
+    {runtime: gate report}, reasons they fail)."""
+    from cells.runtime import OnnxModel, OpenVinoModel
 
-    int8 = quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration)
-    report, failures = gate_int8(OnnxModel(fp32)(validation.images), OnnxModel(int8)(validation.images),
-                                 validation.labels)
-    report |= {"calibration_images": int(len(calibration)), "onnx_int8_bytes": int8.stat().st_size}
-    return int8, report, failures
+    models = {"onnxruntime": quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration),
+              "openvino": openvino_int8(fp32, Path(work) / "openvino" / "model.xml", calibration)}
+    runners = {"onnxruntime": OnnxModel, "openvino": OpenVinoModel}
+    reference = OnnxModel(fp32)(validation.images)
+    reports, failures = {}, []
+    for runtime, path in models.items():
+        answers = runners[runtime](path)(validation.images)
+        reports[runtime], failed = gate_int8(reference, answers, validation.labels, f"{runtime} INT8")
+        reports[runtime] |= {"calibration_images": int(len(calibration)),
+                             "int8_bytes": sum(f.stat().st_size for f in path.parent.glob(f"{path.stem}.*"))}
+        failures += failed
+    return models, reports, failures

@@ -13,7 +13,7 @@ from pathlib import Path
 from cells.contract import OPT_BATCH_SIZE
 from cells.errors import UserError, first_line
 from cells import repository as layout
-from export.cpu_model import gate_cells, int8_model
+from export.cpu_model import gate_cells, int8_models
 from export.onnx_model import keras_to_onnx, to_fp16
 from export.parity import DEFAULT_PARITY_DATA, check_gate, parity
 from export.tensorrt import EngineProfile, TensorRTUnavailable, build_engine
@@ -122,12 +122,13 @@ def export(options: ExportOptions) -> dict:
     fp16 = parity(reference, OnnxModel(fp16_path)(cells.images)) if fp16_path else None
     log(f"parity on {len(cells.labels)} cells of {options.parity_data}: FP32 {fp32}" + (f", FP16 {fp16}" if fp16 else ""))
     failures = check_gate(fp32, fp16)
-    int8_path, int8_report = None, None
+    int8_paths, int8_reports = {}, {}
     if options.int8:
         calibration, validation = gate_cells(options.calibration_data or options.parity_data, options.split)
-        int8_path, int8_report, int8_failures = int8_model(fp32_path, work, calibration, validation)
-        log(f"INT8 on {int8_report['validation_images']} validation cells: {int8_report}")
+        int8_paths, int8_reports, int8_failures = int8_models(fp32_path, work, calibration, validation)
+        log(f"INT8 on {len(validation.labels)} validation cells: {int8_reports}")
         failures += int8_failures
+    int8_path = int8_paths.get("onnxruntime")
     report = {
         "source_model": layout.released_path(model_path),
         "source_sha256": sha256(model_path),
@@ -136,7 +137,8 @@ def export(options: ExportOptions) -> dict:
         "parity_images": int(len(cells.labels)),
         "fp32_vs_keras": fp32,
         "fp16_vs_keras": fp16,
-        "int8_vs_fp32": int8_report,
+        "int8_vs_fp32": int8_reports.get("onnxruntime"),
+        "openvino_int8_vs_fp32": int8_reports.get("openvino"),
         "sizes_bytes": {"onnx_fp32": fp32_path.stat().st_size, "onnx_fp16": fp16_path.stat().st_size if fp16_path else None},
         "served_onnx": "int8" if int8_path else "fp16" if fp16_path else "fp32",
         "tensorrt_profile": profile.shapes(),
@@ -156,6 +158,7 @@ def export(options: ExportOptions) -> dict:
     if int8_path:
         source.parent.mkdir(exist_ok=True)
         shutil.copyfile(fp16_path or fp32_path, source)
+    install_openvino(int8_paths.get("openvino"), layout.openvino_model(options.repository, options.serving.name))
     (version_dir / "model.plan").unlink(missing_ok=True)
     tensorrt_error = None
     if options.tensorrt:
@@ -174,29 +177,44 @@ def export(options: ExportOptions) -> dict:
     return report
 
 
+def install_openvino(model: Path | None, target: Path) -> None:
+    """OpenVINO's model (model.xml and its model.bin) into the version folder, or, without one, no
+    stale one left there."""
+    for suffix in (".xml", ".bin"):
+        target.with_suffix(suffix).unlink(missing_ok=True)
+        if model is not None:
+            shutil.copyfile(model.with_suffix(suffix), target.with_suffix(suffix))
+
+
 def quantize_repository(repository: Path, name: str, data: Path, split: Path | None, work: Path) -> dict:
-    """Give an exported repository its INT8 CPU model (no Keras needed): the served ONNX moves to
-    source/ for GPU engines, the gated INT8 takes its place. Nothing changes if the gate fails."""
+    """Give an exported repository its INT8 CPU models (no Keras needed): the served ONNX moves to
+    source/ for GPU engines, the gated INT8 ONNX takes its place and OpenVINO's INT8 goes beside
+    it. Nothing changes if either gate fails."""
     from export.cpu_model import upcast_to_fp32
 
     served, source = layout.served_onnx(repository, name), layout.source_onnx(repository, name)
     original = layout.engine_source(repository, name)
     if not original.is_file():
         raise ExportError(f"no ONNX model to quantise in {served.parent}")
+    max_batch = layout.read_model_config(layout.model_dir(repository, name)).max_batch_size
     work.mkdir(parents=True, exist_ok=True)
     fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
     calibration, validation = gate_cells(data, split)
-    int8, report, failures = int8_model(fp32, work, calibration, validation)
-    log(f"INT8 on {report['validation_images']} validation cells: {report}")
+    models, reports, failures = int8_models(fp32, work, calibration, validation)
+    log(f"INT8 on {len(validation.labels)} validation cells: {reports}")
     if failures:
         raise ExportError("INT8 gate failed, repository unchanged: " + "; ".join(failures))
     if not source.is_file():
         source.parent.mkdir(exist_ok=True)
         shutil.move(served, source)
-    shutil.copyfile(int8, served)
+    shutil.copyfile(models["onnxruntime"], served)
+    install_openvino(models["openvino"], layout.openvino_model(repository, name))
     report_path = layout.model_dir(repository, name) / REPORT_FILE
     export_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    export_report |= {"int8_vs_fp32": report, "served_onnx": "int8", "int8_source": str(original)}
+    export_report |= {"int8_vs_fp32": reports["onnxruntime"], "openvino_int8_vs_fp32": reports["openvino"],
+                      "served_onnx": "int8", "int8_source": layout.released_path(original)}
     report_path.write_text(json.dumps(export_report, indent=2))
-    log(f"{served} is INT8 now ({int8.stat().st_size / 1e6:.1f} MB); {source} keeps the model GPU engines are built from")
-    return report
+    config = write_model_config(Path(repository), ServingParameters(name=name, max_batch_size=max_batch))
+    log(f"{served} is INT8 now, {layout.openvino_model(repository, name)} OpenVINO's INT8; {source} keeps the "
+        f"model GPU engines are built from; configs written: {config}")
+    return reports

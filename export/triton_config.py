@@ -12,7 +12,9 @@ from cells.contract import (
     MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME, write_labels,
 )
 from cells.decision import read_decision
-from cells.repository import CONFIG_FILE, model_dir, platform_of, version_dir
+from cells.repository import (
+    CONFIG_FILE, OPENVINO_CONFIG, OPENVINO_FILE, custom_config, model_dir, platform_of, served_onnx, version_dir,
+)
 
 KINDS = ("classifier", "detector")
 
@@ -31,11 +33,15 @@ class ServingParameters:
     instance_count: int = 1
     onnx_on_gpu: bool = False
     kind: str = "classifier"  # which contract of cells/contract.py the model serves
+    # Triton's OpenVINO backend (configs/openvino.pbtxt): CPU streams, one model instance (one infer
+    # request) each. The classifier's crops batch well over 2 streams of 1 thread on 2 cores (cells.runtime,
+    # OpenVinoModel); raise both together on larger hosts. 1: one request on every thread (the detector).
+    openvino_streams: int = 2
 
 
 # The detector takes one field per request (fields of one size can still be batched together).
 DETECTOR_SERVING = ServingParameters(name=DETECTOR_NAME, max_batch_size=8, preferred_batch_sizes=(),
-                                     max_queue_delay_microseconds=0, kind="detector")
+                                     max_queue_delay_microseconds=0, kind="detector", openvino_streams=1)
 
 
 def _tensors(kind: str) -> tuple[list, list]:
@@ -78,14 +84,39 @@ def build_config(params: ServingParameters, platform: str, parameters: dict[str,
     )
 
 
+def openvino_config(config: pb.ModelConfig, params: ServingParameters, model_file: str) -> pb.ModelConfig:
+    """`config` for Triton's OpenVINO backend: the same tensors, batching and parameters, run from
+    `model_file` (OpenVINO's own model.xml, or the ONNX) in as many streams as instances."""
+    openvino = pb.ModelConfig()
+    openvino.CopyFrom(config)
+    openvino.ClearField("platform")
+    openvino.backend, openvino.default_model_filename = "openvino", model_file
+    del openvino.instance_group[:]
+    openvino.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=params.openvino_streams)
+    hint = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(params.openvino_streams)} \
+        if params.openvino_streams > 1 else {"PERFORMANCE_HINT": "LATENCY"}
+    for key, value in hint.items():
+        openvino.parameters[key].string_value = value
+    return openvino
+
+
 def write_model_config(repository: Path, params: ServingParameters) -> Path:
     """Write config.pbtxt and labels for what the model's version directory holds now; a classifier's
-    config carries the decision rule of its decision.json (or the 0.5 default)."""
+    config carries the decision rule of its decision.json (or the 0.5 default). A CPU version (ONNX)
+    also gets configs/openvino.pbtxt, for Triton's OpenVINO backend (deploy/cpu)."""
     folder = model_dir(repository, params.name)
     parameters = read_decision(folder).triton_parameters() if params.kind == "classifier" else None
-    config = build_config(params, platform_of(version_dir(repository, params.name)), parameters)
+    platform = platform_of(version_dir(repository, params.name))
+    config = build_config(params, platform, parameters)
     path = folder / CONFIG_FILE
     path.write_text(text_format.MessageToString(config))
+    openvino = custom_config(repository, params.name, OPENVINO_CONFIG)
+    openvino.unlink(missing_ok=True)
+    if platform == "onnxruntime_onnx":
+        own = (version_dir(repository, params.name) / OPENVINO_FILE).is_file()
+        model_file = OPENVINO_FILE if own else served_onnx(repository, params.name).name
+        openvino.parent.mkdir(exist_ok=True)
+        openvino.write_text(text_format.MessageToString(openvino_config(config, params, model_file)))
     if params.kind == "classifier":
         write_labels(path.parent)
     return path

@@ -1,4 +1,5 @@
-"""The INT8 CPU model of the released classifier: exact upcast, a gate that passes it and refuses a broken one."""
+"""The INT8 CPU models of the released classifier (ONNX Runtime's QDQ, OpenVINO's NNCF): exact upcast,
+gates that pass them and refuse broken ones, and the runtime each CPU gets."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
 
 from cells.contract import MODEL_NAME
+from cells.repository import read_model_config
 from cells.runtime import OnnxModel
-from export.cpu_model import gate_cells, int8_model, upcast_to_fp32
+from export.cpu_model import gate_cells, int8_models, upcast_to_fp32
 from export.pipeline import ExportError, quantize_repository
 from tests.conftest import CELLS, run_cli
 
@@ -57,15 +61,25 @@ def test_quantize_serves_a_gated_int8_and_keeps_the_fp16_for_engines(tmp_path):
     assert source.read_bytes() == FP16.read_bytes()
     assert served.stat().st_size < 0.6 * source.stat().st_size
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(served)).graph.node)
-    report = json.loads((model / "export_report.json").read_text())["int8_vs_fp32"]
-    assert report["validation_images"] == 48 and report["accuracy_drop_points"] <= 0.5
+    report = json.loads((model / "export_report.json").read_text())
+    for gate in (report["int8_vs_fp32"], report["openvino_int8_vs_fp32"]):
+        assert gate["validation_images"] == 48 and gate["accuracy_drop_points"] <= 0.5
+    openvino = model / "1" / "model.xml"
+    assert openvino.is_file() and openvino.with_suffix(".bin").stat().st_size < 0.6 * source.stat().st_size
+    config = text_format.Parse((model / "configs" / "openvino.pbtxt").read_text(), pb.ModelConfig())
+    served_config = read_model_config(model)
+    assert (config.backend, config.default_model_filename, config.platform) == ("openvino", "model.xml", "")
+    assert (config.input, config.output, config.parameters["decision_threshold"]) == (
+        served_config.input, served_config.output, served_config.parameters["decision_threshold"])
 
 
 def test_a_broken_calibration_is_refused_and_the_repository_left_as_it_was(tmp_path, fp32, cells, monkeypatch):
     calibration, validation = cells
     dark = calibration // 16  # activation ranges far too narrow for real cells
-    _, report, failures = int8_model(fp32, tmp_path, dark, validation)
-    assert failures and "points below FP32" in failures[0] and report["int8_accuracy"] < report["fp32_accuracy"]
+    _, reports, failures = int8_models(fp32, tmp_path, dark, validation)
+    assert [failure.split(" accuracy")[0] for failure in failures] == ["onnxruntime INT8", "openvino INT8"]
+    assert all("points below FP32" in failure for failure in failures)
+    assert all(report["int8_accuracy"] < report["fp32_accuracy"] for report in reports.values())
 
     repository = fp16_repository(tmp_path / "repo")
     before = {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()}
@@ -75,17 +89,25 @@ def test_a_broken_calibration_is_refused_and_the_repository_left_as_it_was(tmp_p
     assert {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()} == before
 
 
-def test_the_runtime_is_chosen_by_the_cpus_kind_and_the_models_precision():
+def test_the_runtime_is_chosen_by_the_cpus_kind_and_the_models_form(tmp_path):
     from cells.contract import DETECTOR_NAME
-    from cells.repository import DEFAULT_REPOSITORY, served_onnx
-    from cells.runtime import MEASURED_FASTER, choose_runtime, cpu_kind
+    from cells.repository import DEFAULT_REPOSITORY
+    from cells.runtime import MEASURED_FASTER, choose_runtime, cpu_kind, model_form
 
     amx = {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}
-    assert (cpu_kind(amx), cpu_kind({"avx2", "avx512_vnni"}), cpu_kind({"avx2"})) == ("amx", "avx512-vnni", "avx2")
-    classifier, detector = served_onnx(DEFAULT_REPOSITORY, MODEL_NAME), served_onnx(DEFAULT_REPOSITORY, DETECTOR_NAME)
-    for flags, kind in ((amx, "amx"), ({"avx2", "avx512_vnni"}, "avx512-vnni")):
-        assert choose_runtime(classifier, flags=flags) == MEASURED_FASTER.get((kind, "int8"), "onnxruntime")
-        assert choose_runtime(detector, flags=flags) == MEASURED_FASTER.get((kind, "fp32"), "onnxruntime")
-    assert choose_runtime(detector, flags=amx) == "openvino"  # 105 vs 31 fields/s, measured on an AMX Xeon
-    assert choose_runtime(classifier, flags={"avx2"}) == choose_runtime(detector, flags={"avx2"}) == "onnxruntime"
-    assert choose_runtime(detector, "onnxruntime", flags=amx) == "onnxruntime"  # asked for: no choice made
+    vnni = {"avx2", "avx512_vnni"}
+    assert (cpu_kind(amx), cpu_kind(vnni), cpu_kind({"avx2"})) == ("amx", "avx512-vnni", "avx2")
+    assert (model_form(DEFAULT_REPOSITORY, MODEL_NAME), model_form(DEFAULT_REPOSITORY, DETECTOR_NAME)) == (
+        "openvino-int8", "fp32")
+    qdq_only = tmp_path / MODEL_NAME / "1"
+    qdq_only.mkdir(parents=True)
+    shutil.copyfile(RELEASED / "1" / "model.onnx", qdq_only / "model.onnx")
+    assert model_form(tmp_path, MODEL_NAME) == "int8"
+    for flags, kind in ((amx, "amx"), (vnni, "avx512-vnni")):
+        for repository, name in ((DEFAULT_REPOSITORY, MODEL_NAME), (DEFAULT_REPOSITORY, DETECTOR_NAME), (tmp_path, MODEL_NAME)):
+            expected = MEASURED_FASTER.get((kind, model_form(repository, name)), "onnxruntime")
+            assert choose_runtime(repository, name, flags=flags) == expected
+    assert choose_runtime(DEFAULT_REPOSITORY, DETECTOR_NAME, flags=amx) == "openvino"  # 105 vs 31 fields/s on an AMX Xeon
+    assert choose_runtime(tmp_path, MODEL_NAME, flags=amx) == "onnxruntime"  # OpenVINO was slower on the QDQ ONNX
+    assert choose_runtime(DEFAULT_REPOSITORY, MODEL_NAME, flags={"avx2"}) == "onnxruntime"  # not measured
+    assert choose_runtime(DEFAULT_REPOSITORY, DETECTOR_NAME, "onnxruntime", flags=amx) == "onnxruntime"  # asked for

@@ -75,6 +75,7 @@ def test_engine_entry_point_without_tensorrt_names_trtexec(tmp_path):
 
 def test_cpu_compose_serves_the_generated_cpu_config():
     from cells.repository import read_model_config
+    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
 
     compose = yaml.safe_load((DEPLOY / "cpu" / "docker-compose.yml").read_text())
@@ -82,6 +83,15 @@ def test_cpu_compose_serves_the_generated_cpu_config():
     assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and "deploy" not in triton  # no GPU reserved
     assert "--model-repository=/models" in triton["command"]
     assert triton["volumes"] == ["../../model_repository:/models:ro"]
-    config = read_model_config(DEPLOY.parent / "model_repository" / "malaria_resnet50v2")
+    assert "--model-config-name=${TRITON_MODEL_CONFIG:-openvino}" in triton["command"]
+    repository = DEPLOY.parent / "model_repository"
+    config = read_model_config(repository / "malaria_resnet50v2")
     assert config.platform == "onnxruntime_onnx"
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]
+    for model in ("malaria_resnet50v2", "rbc_detector"):  # the OpenVINO backend's: what its version folder holds
+        openvino = text_format.Parse((repository / model / "configs" / "openvino.pbtxt").read_text(), pb.ModelConfig())
+        assert openvino.backend == "openvino" and not openvino.platform
+        assert (repository / model / "1" / openvino.default_model_filename).is_file()
+        assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in openvino.instance_group] == ["KIND_CPU"]
+        assert (openvino.input, openvino.output) == tuple(getattr(read_model_config(repository / model), side)
+                                                          for side in ("input", "output"))
