@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from batch.driver import BatchOptions
 from cells.contract import IMAGE_SUFFIXES, MODEL_NAME, REQUEST_BATCH_SIZE
 
 # The issue's targets, as ratios measured in this run.
-TARGETS = {"job_vs_shipped": 0.8, "job_vs_fp32": 1.6, "job_vs_tutorial": 15.0, "shipped_vs_fp32": 2.5}
+TARGETS = {"job_vs_shipped": 0.8, "job_vs_fp32": 1.6, "job_vs_tutorial": 15.0, "shipped_vs_fp32": 2.5,
+           "job_vs_baseline_runtime": 1.3}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class BenchOptions:
     finder: str = FieldSettings().finder  # the job's, and the one whose cost the "find" stage measures
     worker_cpus: float = BatchOptions.worker_cpus  # the job's `--worker-cpus`
     runtime: str = BatchOptions.server_runtime  # the job's `--runtime`
+    baseline_runtime: str = "onnxruntime"  # the job run again with this `--runtime`, in the same run ("": not)
 
 
 def cpu_model_name() -> str:
@@ -171,7 +173,7 @@ def _python_role(cmdline: Path, name: str) -> str:
         arguments = cmdline.read_bytes().split(b"\0")
     except OSError:
         return name
-    for role, marker in (("smearscope run (driver)", b"run"), ("smearscope serve (ONNX Runtime model)", b"serve")):
+    for role, marker in (("smearscope run (driver)", b"run"), ("smearscope serve (the models)", b"serve")):
         if b"smearscope" in arguments and marker in arguments:
             return role
     return name
@@ -188,7 +190,8 @@ def _tree(pid: int, processes: dict) -> set[int]:
 
 
 def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
-    """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its processes."""
+    """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its
+    processes together and by process name."""
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
                "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size),
                "--finder", options.finder, "--worker-cpus", str(options.worker_cpus),
@@ -196,6 +199,7 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
     cpu: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU seconds at its last sample)
+    rss: dict[int, int] = {}  # pid -> its peak resident bytes
     series: list[tuple[float, float]] = []  # (time, CPU seconds of the processes alive then)
     stop = threading.Event()
 
@@ -209,6 +213,7 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
             for p in tree:  # a bare "python" name is kept only until a better one is seen (Ray renames its
                 name = processes[p][1]  # workers after start; an exiting process's cmdline reads empty)
                 cpu[p] = (cpu[p][0] if p in cpu and name.startswith("python") else name, processes[p][3])
+                rss[p] = max(rss.get(p, 0), processes[p][2])
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -219,8 +224,10 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
         raise RuntimeError(f"smearscope run failed ({process.returncode}): {log[-2000:]}")
     report = json.loads((output / "run.json").read_text())
     by_process: dict[str, float] = {}
-    for name, seconds in cpu.values():
+    rss_by_process: dict[str, float] = {}
+    for pid, (name, seconds) in cpu.items():
         by_process[name] = by_process.get(name, 0.0) + seconds
+        rss_by_process[name] = rss_by_process.get(name, 0.0) + rss.get(pid, 0) / 2**20
     cells = max(report["cells_this_run"], 1)
     return {
         # CPU of the job's processes over the whole run (start-up included), core-ms per cell, by process name.
@@ -231,6 +238,8 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
         "cells_per_s": report["cells_per_second"],
         "steady_cells_per_s": report["steady_cells_per_second"],
         "peak_rss_mib": peak,
+        # Each process's own peak, summed by name (Ray's workers peak at different times).
+        "peak_rss_mib_by_process": dict(sorted(rss_by_process.items(), key=lambda x: -x[1])),
         "steady_busy_cores": _steady_busy(series),
     }
 
@@ -264,9 +273,13 @@ def bench_batch(options: BenchOptions) -> dict:
         print(f"ONNX Runtime FP32 in-process: {fp32['images_per_s']:.1f} img/s", flush=True)
         tutorial = in_child(_tutorial_rate, crops_file, options.threads, options.tutorial_images)
         print(f"tutorial loop (Keras predict, one image per call): {tutorial['images_per_s']:.1f} img/s", flush=True)
-        end_to_end = job(paths, options, scratch / "run")
-        print(f"smearscope run: {end_to_end['steady_cells_per_s']:.1f} cells/s steady, "
-              f"start-up {end_to_end['startup_s']:.1f} s", flush=True)
+        runtimes = [options.runtime] + ([options.baseline_runtime] if options.baseline_runtime not in ("", options.runtime) else [])
+        jobs = {}
+        for runtime in runtimes:
+            jobs[runtime] = job(paths, replace(options, runtime=runtime), scratch / f"run-{runtime}")
+            print(f"smearscope run --runtime {runtime}: {jobs[runtime]['steady_cells_per_s']:.1f} cells/s steady, "
+                  f"start-up {jobs[runtime]['startup_s']:.1f} s", flush=True)
+    end_to_end = jobs[options.runtime]
     steady = end_to_end["steady_cells_per_s"]
     ratios = {
         "job_vs_shipped": steady / shipped["images_per_s"],
@@ -274,6 +287,8 @@ def bench_batch(options: BenchOptions) -> dict:
         "job_vs_tutorial": steady / tutorial["images_per_s"],
         "shipped_vs_fp32": shipped["images_per_s"] / fp32["images_per_s"],
     }
+    if len(jobs) > 1:
+        ratios["job_vs_baseline_runtime"] = steady / jobs[options.baseline_runtime]["steady_cells_per_s"]
     cores = len(os.sched_getaffinity(0))
     stage_total = sum(stages["core_ms_per_cell"].values()) + shipped["core_ms_per_image"]
     result = {
@@ -286,7 +301,10 @@ def bench_batch(options: BenchOptions) -> dict:
         "shipped": shipped,
         "onnx_fp32": fp32,
         "tutorial": tutorial,
+        "runtime": options.runtime,
         "job": end_to_end,
+        "baseline_runtime": options.baseline_runtime if len(jobs) > 1 else None,
+        "job_baseline": jobs.get(options.baseline_runtime) if len(jobs) > 1 else None,
         "ratios": ratios,
         "targets": TARGETS,
         # What the job spends per cell beyond its stages (Ray, Triton transport, the driver, idle cores).
@@ -309,8 +327,10 @@ def markdown(result: dict) -> str:
         "",
         "| way of classifying | cells/s | core-ms per cell | peak RSS MiB |",
         "| --- | --- | --- | --- |",
-        f"| `smearscope run` end to end, steady (start-up {result['job']['startup_s']:.1f} s apart) | "
-        f"{result['job']['steady_cells_per_s']:.1f} | {result['job_core_ms_per_cell']:.2f} | {result['job']['peak_rss_mib']:.0f} |",
+        *(f"| `smearscope run --runtime {runtime}` end to end, steady (start-up {run['startup_s']:.1f} s apart) | "
+          f"{run['steady_cells_per_s']:.1f} | {1000 * result['cores'] / run['steady_cells_per_s']:.2f} | {run['peak_rss_mib']:.0f} |"
+          for runtime, run in ((result["runtime"], result["job"]), (result["baseline_runtime"], result["job_baseline"]))
+          if run is not None),
         *(f"| {label} | {result[key]['images_per_s']:.1f} | {result[key]['core_ms_per_image']:.2f} | {result[key]['peak_rss_mib']:.0f} |"
           for key, label in (("shipped", "shipped model, in-process"), ("onnx_fp32", "ONNX Runtime FP32, in-process"),
                              ("tutorial", "tutorial loop (Keras predict, one image a call)"))),
@@ -325,6 +345,12 @@ def markdown(result: dict) -> str:
         "| the job's processes (whole run, start-up included) | CPU core-ms per cell |",
         "| --- | --- |",
         *(f"| `{name}` | {cost:.2f} |" for name, cost in result["job"]["core_ms_per_cell_by_process"].items() if cost >= 0.05),
+        "",
+        "| the models' server (`smearscope serve`), peak RSS MiB | |",
+        "| --- | --- |",
+        *(f"| `--runtime {runtime}` | {run['peak_rss_mib_by_process'].get('smearscope serve (the models)', 0):.0f} |"
+          for runtime, run in ((result["runtime"], result["job"]), (result["baseline_runtime"], result["job_baseline"]))
+          if run is not None),
     ]
     return "\n".join(lines) + "\n"
 

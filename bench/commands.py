@@ -37,7 +37,8 @@ def _bench_batch(args: argparse.Namespace) -> int:
 
     bench_batch(BenchOptions(fields=args.fields, repository=args.repository, out=args.out, max_fields=args.max_fields,
                              threads=args.threads, batch_size=args.batch_size, tutorial_images=args.tutorial_images,
-                             finder=args.finder, worker_cpus=args.worker_cpus, runtime=args.runtime))
+                             finder=args.finder, worker_cpus=args.worker_cpus, runtime=args.runtime,
+                             baseline_runtime=args.baseline_runtime))
     return 0
 
 
@@ -56,6 +57,8 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finder", choices=FINDERS, default=defaults.finder, help="how the job finds cells")
     parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus, help="the job's --worker-cpus")
     parser.add_argument("--runtime", default=defaults.runtime, help="the job's --runtime (its embedded Triton's)")
+    parser.add_argument("--baseline-runtime", default=defaults.baseline_runtime,
+                        help="run the job again with this --runtime in the same run and report the ratio ('' for none)")
     parser.set_defaults(handler=_bench_batch)
 
 

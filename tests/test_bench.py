@@ -38,9 +38,13 @@ def test_bench_batch_sets_the_job_beside_the_bare_models(repository, tmp_path):
     for key in ("shipped", "onnx_fp32", "tutorial"):
         assert report[key]["images_per_s"] > 0 and report[key]["peak_rss_mib"] > 0
     assert 0 < report["job"]["startup_s"] < report["job"]["wall_s"] and report["job"]["peak_rss_mib"] > 0
+    assert (report["runtime"], report["baseline_runtime"]) == ("auto", "onnxruntime")  # today's default against ONNX Runtime
+    for run in (report["job"], report["job_baseline"]):
+        assert run["cells"] > 0 and run["peak_rss_mib_by_process"]["smearscope serve (the models)"] > 0
     assert set(report["ratios"]) == set(report["targets"]) and report["cpu"]
     table = out.with_suffix(".md").read_text()
-    assert "| job_vs_shipped |" in table and "smearscope run" in table
+    assert "| job_vs_shipped |" in table and "| job_vs_baseline_runtime |" in table
+    assert "smearscope run --runtime auto" in table and "| `--runtime onnxruntime` |" in table
 
 
 def test_bench_shutdown_times_a_signalled_server(tmp_path):
