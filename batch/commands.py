@@ -62,8 +62,12 @@ def field_settings(args: argparse.Namespace) -> FieldSettings:
 
 def configure_run(parser: argparse.ArgumentParser) -> None:
     defaults = BatchOptions  # the dataclass's field defaults are the flags' defaults
-    parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs, .zip/.tar/.tar.gz archives")
-    parser.add_argument("--output", type=Path, required=True, help="results folder (reused: finished slides are skipped)")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, folders, globs, .zip/.tar/.tar.gz archives, whole-slide images; local, or "
+                        "s3://bucket/key, s3://bucket/prefix/ or s3://bucket/prefix/*.jpg (credentials: the standard "
+                        "AWS chain; endpoint: AWS_ENDPOINT_URL)")
+    parser.add_argument("--output", required=True,
+                        help="results folder or s3://bucket/prefix/ (reused: finished slides are skipped)")
     parser.add_argument("--triton-url", nargs="+", help="Triton server(s), host:port; {node}:PORT is the worker's own "
                         "node (a Triton per node); default: start an embedded one")
     parser.add_argument("--triton-policy", choices=POLICIES, default=defaults.triton_policy,

@@ -24,9 +24,8 @@ from batch.field import FieldSettings, decided, settings_served
 from batch.inputs import DEFAULT_MAX_BYTES, Slide, expand, iter_slides, plan, slide_name
 from batch.overlay import overlay_path
 from batch.grouping import Grouping
-from batch.results import (
-    MIN_CELLS, Tables, atomic_path, atomic_write, failed, finished_keys, write_part, write_tables,
-)
+from batch.results import MIN_CELLS, Tables, failed, finished_keys, write_part, write_tables
+from batch.storage import StorageUnavailable, absolute, atomic_path, atomic_write, join, make_output, relative, resolve
 from batch.wsi import Tile, deduplicate_seams, slide_of_tile
 from batch.workers import WORKER_RETRIES, Outcome, Shared
 from cells.contract import MAX_IN_FLIGHT, MODEL_NAME, REQUEST_BATCH_SIZE
@@ -43,8 +42,8 @@ PROGRESS_EVERY_S = 10.0
 class BatchOptions:
     """The batch job's settings; `smearscope run --help` documents each (batch/commands.py)."""
 
-    inputs: list[str]
-    output: Path
+    inputs: list[str]  # paths, globs, s3:// keys, prefixes or patterns
+    output: str  # a folder or an s3:// prefix
     triton_urls: tuple[str, ...] = ()  # empty: start an embedded Triton on `repository`
     protocol: str = "grpc"
     model: str = MODEL_NAME
@@ -129,6 +128,7 @@ class Placement:
     tally: RequestTally = field(default_factory=RequestTally)
     worker_failures: int = 0
     bytes_received: int = 0  # what the driver took in from workers: the bound on one driver's throughput
+    input_bytes_read: int = 0  # what the workers read of the inputs' files and objects
     started_cpu: float = field(default_factory=time.process_time)
     scheduling_cpu: float = 0.0  # the driver's CPU seconds from its first slide scheduled to its last done
 
@@ -137,6 +137,7 @@ class Placement:
 
     def add(self, outcome: Outcome) -> None:
         self.bytes_received += len(pickle.dumps(outcome))
+        self.input_bytes_read += outcome.bytes_read
         node = self.nodes.setdefault(outcome.node_id, {"address": outcome.node_address, "slides": 0, "cells": 0})
         node["slides"] += 1
         node["cells"] += outcome.cells
@@ -150,6 +151,7 @@ class Placement:
             # Scheduling only: what bounds the cells/s one driver can take.
             "driver_cpu_ms_per_cell": round(1000 * self.scheduling_cpu / max(cells, 1), 4),
             "driver_bytes_per_cell": round(self.bytes_received / max(cells, 1), 2),
+            "input_bytes_read_by_workers": self.input_bytes_read,
         }
 
 
@@ -177,7 +179,7 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
     if fallback:
         print(f"warning: no detector served ({fallback}): finding cells with the classical finder", flush=True)
     analyse = remote_analyse_slide(options.worker_cpus)
-    output = options.output.resolve()  # the workers write there: the same path on every node
+    output = absolute(options.output)  # the workers write there: the same location on every node
     shared_ref = ray.put(Shared(client_options, options.overlays, options.max_bytes, output))
     settings_ref = ray.put(settings)
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
@@ -196,6 +198,8 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
                 unit_ref = settings_ref if unit_settings is settings else unit_settings
                 outcome = await analyse.remote(slide, shared_ref, unit_ref)
                 placement.add(outcome)
+                if outcome.storage_down:  # every other slide would wait out the same retries: stop, resumably
+                    raise StorageUnavailable(slide.slide_id, outcome.lost.split(": ", 1)[-1])
                 if outcome.lost:
                     print(f"lost {slide.slide_id}: {outcome.lost}", file=sys.stderr, flush=True)
                     progress.add(0, lost=True)
@@ -224,6 +228,8 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
             failures.append(task.exception())
 
     for item in iter_slides(options.inputs, options.max_bytes):
+        if failures:
+            break
         for unit, unit_settings in await asyncio.to_thread(plan, item, settings, options.max_bytes):
             progress.expected[options.grouping.slide_of(unit.slide_id)] += 1
             if unit.key in done:
@@ -234,8 +240,8 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
             task = asyncio.create_task(handle(unit, unit_settings))
             pending.add(task)
             task.add_done_callback(finished)
-    progress.planned = True
-    await asyncio.gather(*pending)
+    progress.planned = not failures
+    await asyncio.gather(*pending, return_exceptions=True)
     placement.finish()
     if failures:  # the driver's own failure (writing a part, say): the run stops, its parts stay
         raise failures[0]
@@ -258,7 +264,7 @@ def _start_ray(address: str | None) -> None:
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
 
 
-def write_overviews(output: Path, tables: Tables) -> dict[str, str]:
+def write_overviews(output: str, tables: Tables) -> dict[str, str]:
     """For each whole-slide image, a downsampled PNG with its cells drawn; {slide: path in output}."""
     import pyarrow.parquet as pq
     from PIL import Image
@@ -267,11 +273,12 @@ def write_overviews(output: Path, tables: Tables) -> dict[str, str]:
 
     written = {}
     for slide in sorted({row["slide"] for row in tables.fields if slide_of_tile(row["field"])}):
-        cells = pq.read_table(output / "cells.parquet", filters=[("slide", "=", slide)]).to_pylist()
+        filesystem, cells_path = resolve(join(output, "cells.parquet"))
+        cells = pq.read_table(cells_path, filesystem=filesystem, filters=[("slide", "=", slide)]).to_pylist()
         path = overlay_path(output, Slide(slide, slide))
         with atomic_path(path) as temporary:
             Image.fromarray(overview(slide, cells)).save(temporary, format="PNG")
-        written[slide] = str(path.relative_to(output))
+        written[slide] = relative(path, output)
     return written
 
 
@@ -318,7 +325,8 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
     from deploy.server import EmbeddedServer
 
     started = time.monotonic()
-    options.output.mkdir(parents=True, exist_ok=True)
+    options = replace(options, output=absolute(options.output))
+    make_output(options.output)
     expand(options.inputs)  # fail fast on inputs that do not exist
     settings, decision = decided(options.settings, options.repository, options.model)
     options = replace(options, settings=settings)
@@ -383,7 +391,7 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
             "slides_complete": sum(row["complete"] for row in tables.slides),
             "overviews": overviews,
         }
-        atomic_write(options.output / "run.json", json.dumps(report, indent=2))
+        atomic_write(join(options.output, "run.json"), json.dumps(report, indent=2))
     print(summary_table(tables.slides))
     print(f"{len(tables.slides)} slides of {fields} fields ({ok} ok, {fields - ok} error, {progress.lost} lost), "
           f"{tables.cells} cells; this run: {progress.done - progress.lost} fields in {wall:.1f}s, "

@@ -1,8 +1,12 @@
-"""Turning --input arguments (files, folders, globs, zip/tar archives) into slides to process.
+"""Turning --input arguments (files, folders, globs, zip/tar archives; local or s3://, through
+batch.storage) into slides to process.
 
-Archive members are read as streams, never extracted, and their names are only ever labels: output
-files are named by a hash of the slide id. No file or member is read past `max_bytes`: the size is
-checked before reading and the read itself is capped, so memory never grows with an input's size.
+Archive members are never extracted, and their names are only ever labels: output files are named
+by a hash of the slide id. A zip's members are listed from its central directory and each is read
+by the worker that analyses it (range requests on S3); a tar has no index, so it is read in one
+pass by the driver, which sends each member's bytes with its slide. No file, object or member is
+read past `max_bytes`: the size is checked before reading and the read itself is capped, so memory
+never grows with an input's size.
 Every image-named input is either a slide or an error row that says why not (a link or device in
 an archive, a member path outside the archive, a file too large, something that is not a file).
 """
@@ -18,7 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from batch.wsi import WSI_SUFFIXES, WholeSlideError, cell_diameter_of, is_slide_candidate, open_slide, smear_tiles
+from batch import storage
+from batch.wsi import WholeSlideError, cell_diameter_of, is_slide_candidate, open_slide, smear_tiles
 from cells.contract import IMAGE_SUFFIXES
 from cells.errors import MissingInput, describe
 
@@ -39,20 +44,30 @@ def read_capped(stream: BinaryIO, max_bytes: int) -> bytes:
     return data
 
 
-def read_file(path: str, max_bytes: int) -> bytes:
-    with open(path, "rb") as handle:
+def read_file(location: str, max_bytes: int) -> bytes:
+    """A file's or object's bytes: its size is asked before any is read, and the read is capped too
+    (a file that grew after it was listed)."""
+    if (found := storage.size(location)) > max_bytes:
+        raise TooLarge(f"too large: {found:,} bytes > {max_bytes:,} (--max-bytes)")
+    with storage.open_input(location) as handle:
         return read_capped(handle, max_bytes)
+
+
+class Unreadable(ValueError):
+    """An input whose bytes cannot be had; the message is its error row."""
 
 
 @dataclass(frozen=True)
 class Slide:
-    """One image to process: `path` for a plain file, `data` for an archive member, `error` if unreadable."""
+    """One image to process: `path` for a file or object (with `member`: a zip's member, read where the
+    slide is analysed), `data` for a tar's member, `error` if unreadable."""
 
     slide_id: str
     source: str
     path: str | None = None
     data: bytes | None = None
     error: str | None = None
+    member: str | None = None
 
     @property
     def key(self) -> str:
@@ -65,50 +80,78 @@ def slide_name(slide_id: str) -> str:
     return Path(slide_id.split(ARCHIVE_SEPARATOR)[-1]).name
 
 
-def is_archive(path: Path) -> bool:
-    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+def is_archive(location: str) -> bool:
+    return location.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def expand(inputs: list[str]) -> list[Path]:
-    """Files, archives and folders named by the arguments; a pattern or path that matches nothing is an error."""
-    found: list[Path] = []
+def expand(inputs: list[str]) -> list[str]:
+    """Files, objects, archives and folders (or prefixes) named by the arguments, as locations; a
+    pattern or location that matches nothing is an error."""
+    found: list[str] = []
     for argument in inputs:
-        matches = sorted(Path(m) for m in glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [Path(argument)]
-        if not matches or not all(m.exists() for m in matches):
+        matches = _matches(argument)
+        if not matches:
             raise MissingInput(f"input not found: {argument}")
-        for match in matches:
-            if match.is_dir():
-                # Not only regular files: a FIFO or dangling link named like an image becomes an error row.
-                found.extend(p for p in sorted(match.rglob("*")) if not p.is_dir() and (is_image(p.name) or is_archive(p)))
-            else:
-                found.append(match)
+        found.extend(matches)
     return list(dict.fromkeys(found))
 
 
-def iter_slides(inputs: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Slide]:
-    """Every slide of every input, archive members streamed one at a time."""
-    for path in expand(inputs):
-        if is_archive(path):
-            yield from _archive_slides(path, max_bytes)
+def _matches(argument: str) -> list[str]:
+    """What one argument names: images and archives under a folder or prefix, those matching a pattern."""
+    wanted = lambda location: is_image(location) or is_archive(location)  # noqa: E731
+    if storage.is_remote(argument):
+        if glob.has_magic(argument):
+            parts = argument.split("/")
+            fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            return [f for f in storage.list_files("/".join(parts[:fixed]), "/".join(parts[fixed:])) if wanted(f)]
+        kind = storage.kind(argument)
+        return [argument] if kind == "file" else [f for f in storage.list_files(argument) if wanted(f)] if kind == "directory" else []
+    matches = sorted(Path(m) for m in glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [Path(argument)]
+    if not all(m.exists() for m in matches):
+        return []
+    found = []
+    for match in matches:
+        if match.is_dir():
+            # Not only regular files: a FIFO or dangling link named like an image becomes an error row.
+            found.extend(str(p) for p in sorted(match.rglob("*")) if not p.is_dir() and wanted(p.name))
         else:
-            yield _file_slide(path, max_bytes)
+            found.append(str(match))
+    return found
 
 
-def _file_slide(path: Path, max_bytes: int) -> Slide:
-    """A plain file to read on a worker, or its error row (a FIFO or device would block or never end)."""
-    slide = Slide(slide_id=str(path), source=str(path), path=str(path))
-    try:
-        info = path.stat()
-    except OSError as error:
-        return Slide(slide.slide_id, slide.source, error=f"unreadable file: {error.strerror or error}")
-    if not stat.S_ISREG(info.st_mode):
-        return Slide(slide.slide_id, slide.source, error="not a regular file (a device, FIFO or socket)")
-    if info.st_size > max_bytes and not path.name.lower().endswith(WSI_SUFFIXES):
-        return Slide(slide.slide_id, slide.source, error=f"file too large: {info.st_size:,} bytes > {max_bytes:,} (--max-bytes)")
+def iter_slides(inputs: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Slide]:
+    """Every slide of every input, archive members one at a time."""
+    for location in expand(inputs):
+        if is_archive(location):
+            yield from _archive_slides(location, max_bytes)
+        else:
+            yield _file_slide(location, max_bytes)
+
+
+def _file_slide(location: str, max_bytes: int) -> Slide:
+    """A file or object to read on a worker, or its error row (a FIFO or device would block or never end)."""
+    slide = Slide(slide_id=location, source=location, path=location)
+    if storage.is_remote(location):
+        try:
+            found = storage.size(location)
+        except storage.StorageUnavailable:
+            raise
+        except storage.StorageError as error:
+            return Slide(location, location, error=f"unreadable object: {error.reason}")
+    else:
+        try:
+            info = Path(location).stat()
+        except OSError as error:
+            return Slide(location, location, error=f"unreadable file: {error.strerror or error}")
+        if not stat.S_ISREG(info.st_mode):
+            return Slide(location, location, error="not a regular file (a device, FIFO or socket)")
+        found = info.st_size
+    if found > max_bytes and not is_slide_candidate(location):
+        return Slide(location, location, error=f"file too large: {found:,} bytes > {max_bytes:,} (--max-bytes)")
     return slide  # a large whole-slide image is read by tiles (batch/wsi.py), never whole
 
 
@@ -121,12 +164,14 @@ def unsafe_member(name: str) -> str:
     return ""
 
 
-def _archive_slides(path: Path, max_bytes: int) -> Iterator[Slide]:
-    reader = _zip_members if path.name.lower().endswith(".zip") else _tar_members
+def _archive_slides(location: str, max_bytes: int) -> Iterator[Slide]:
+    reader = _zip_members if location.lower().endswith(".zip") else _tar_members
     try:
-        yield from reader(path, max_bytes)
+        yield from reader(location, max_bytes)
+    except storage.StorageUnavailable:
+        raise
     except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as error:
-        yield Slide(slide_id=f"{path}", source=str(path), error=f"unreadable archive: {describe(error)}")
+        yield Slide(slide_id=location, source=location, error=f"unreadable archive: {describe(error)}")
 
 
 def _refusal(name: str, kind: str, size: int, max_bytes: int) -> str:
@@ -140,26 +185,47 @@ def _refusal(name: str, kind: str, size: int, max_bytes: int) -> str:
     return ""
 
 
-def _zip_members(path: Path, max_bytes: int) -> Iterator[Slide]:
-    with zipfile.ZipFile(path) as archive:
+def _zip_members(location: str, max_bytes: int) -> Iterator[Slide]:
+    """The zip's image members from its central directory, each to be read where it is analysed."""
+    with storage.open_input(location) as handle, zipfile.ZipFile(handle) as archive:
         for info in archive.infolist():
             if info.is_dir() or not is_image(info.filename):
                 continue
-            slide_id = f"{path}{ARCHIVE_SEPARATOR}{info.filename}"
+            slide_id = f"{location}{ARCHIVE_SEPARATOR}{info.filename}"
             kind = "symbolic link" if stat.S_ISLNK(info.external_attr >> 16) else ""
-            if reason := _refusal(info.filename, kind, info.file_size, max_bytes):
-                yield Slide(slide_id, str(path), error=reason)
-                continue
-            try:
-                with archive.open(info) as member:
-                    data = read_capped(member, max_bytes)
-            except TooLarge as error:
-                yield Slide(slide_id, str(path), error=f"archive member {error}")
-                continue
-            except (OSError, EOFError, zipfile.BadZipFile, ValueError, zlib.error) as error:
-                yield Slide(slide_id, str(path), error=f"broken archive member: {describe(error)}")
-                continue
-            yield Slide(slide_id, str(path), data=data)
+            reason = _refusal(info.filename, kind, info.file_size, max_bytes)
+            yield Slide(slide_id, location, error=reason) if reason else Slide(slide_id, location, path=location,
+                                                                                 member=info.filename)
+
+
+def read_member(location: str, member: str, max_bytes: int) -> bytes:
+    """A zip member's bytes, read by range from its archive; Unreadable with the reason if not."""
+    try:
+        with storage.open_input(location) as handle, zipfile.ZipFile(handle) as archive, archive.open(member) as data:
+            return read_capped(data, max_bytes)
+    except TooLarge as error:
+        raise Unreadable(f"archive member {error}") from error
+    except storage.StorageError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, zlib.error) as error:
+        raise Unreadable(f"broken archive member: {describe(error)}") from error
+
+
+def read_slide(slide: Slide, max_bytes: int) -> bytes:
+    """The encoded bytes of a slide that is not a whole-slide tile: carried, a zip member, or a file
+    or object; Unreadable with its error row's reason if not (StorageUnavailable passes through)."""
+    if slide.data is not None:
+        return slide.data
+    if slide.member is not None:
+        return read_member(slide.path, slide.member, max_bytes)
+    try:
+        return read_file(slide.path, max_bytes)
+    except TooLarge as error:
+        raise Unreadable(f"file {error}") from error
+    except storage.StorageUnavailable:
+        raise
+    except OSError as error:
+        raise Unreadable(f"unreadable file: {getattr(error, 'strerror', None) or error}") from error
 
 
 def _tar_kind(info: tarfile.TarInfo) -> str:
@@ -172,38 +238,38 @@ def _tar_kind(info: tarfile.TarInfo) -> str:
     return "" if info.isfile() else "special file"
 
 
-def _tar_members(path: Path, max_bytes: int) -> Iterator[Slide]:
-    with tarfile.open(path, mode="r|*") as archive:  # stream mode: one pass, nothing extracted
+def _tar_members(location: str, max_bytes: int) -> Iterator[Slide]:
+    with storage.open_input(location) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:  # one pass
         for info in archive:
             if info.isdir() or not is_image(info.name):
                 continue
-            slide_id = f"{path}{ARCHIVE_SEPARATOR}{info.name}"
+            slide_id = f"{location}{ARCHIVE_SEPARATOR}{info.name}"
             if reason := _refusal(info.name, _tar_kind(info), info.size, max_bytes):
-                yield Slide(slide_id, str(path), error=reason)
+                yield Slide(slide_id, location, error=reason)
                 continue  # the stream skips the member's data on the next step
             try:
                 member = archive.extractfile(info)
                 data = read_capped(member, max_bytes) if member else b""
             except (OSError, EOFError, tarfile.TarError) as error:
-                yield Slide(slide_id, str(path), error=f"broken archive member: {describe(error)}")
+                yield Slide(slide_id, location, error=f"broken archive member: {describe(error)}")
                 return  # a stream cannot skip past a broken member
             if len(data) != info.size:
-                yield Slide(slide_id, str(path), error=f"broken archive member: {len(data)} of {info.size} bytes")
+                yield Slide(slide_id, location, error=f"broken archive member: {len(data)} of {info.size} bytes")
                 return
-            yield Slide(slide_id, str(path), data=data)
+            yield Slide(slide_id, location, data=data)
 
 
 def plan(slide: Slide, settings, max_bytes: int) -> list:
     """What to do with one input: its tiles if it is a whole-slide image (with the cell scale its
     microns per pixel give), else the input itself; an input that fails here is an error Slide."""
-    if slide.error or slide.path is None or not is_slide_candidate(Path(slide.path)):
+    if slide.error or slide.path is None or slide.member is not None or not is_slide_candidate(slide.path):
         return [(slide, settings)]
     try:
         whole = open_slide(slide.path, settings.max_pixels)
     except WholeSlideError as error:
         return [(Slide(slide.slide_id, slide.source, error=str(error)), settings)]
     if whole is None:
-        size = Path(slide.path).stat().st_size
+        size = storage.size(slide.path)
         if size > max_bytes:
             return [(Slide(slide.slide_id, slide.source,
                            error=f"file too large: {size:,} bytes > {max_bytes:,} (--max-bytes)"), settings)]

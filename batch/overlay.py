@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from batch.inputs import Slide, slide_name
+from batch.storage import Location, join
 from batch.wsi import open_slide, read_region
 
 OVERLAYS = "overlays"
@@ -16,10 +17,10 @@ COLOURS = {"Parasitized": (230, 30, 30), "Uninfected": (30, 200, 60)}
 LINE_WIDTHS = {"Parasitized": 3, "Uninfected": 2}  # parasitized boxes drawn thicker, to find them at a glance
 
 
-def overlay_path(output: Path, slide: Slide) -> Path:
+def overlay_path(output: Location, slide: Slide) -> str:
     """overlays/<slide file stem>-<slide key>.png: findable by name, unique by key, safe whatever the name."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_name(slide.slide_id)).stem).strip("._")[:64]
-    return output / OVERLAYS / f"{stem or 'slide'}-{slide.key}.png"
+    return join(output, OVERLAYS, f"{stem or 'slide'}-{slide.key}.png")
 
 
 def draw_overlay(image: np.ndarray, cell_rows: list[dict]) -> Image.Image:

@@ -1,4 +1,5 @@
-"""Results on disk: one atomic file per finished field, combined into the run's tables at the end.
+"""Results in the output (a folder or an s3:// prefix, batch.storage): one part per finished field,
+whole or absent, combined into the run's tables at the end.
 
 A field's part (`parts/<key>.parquet`: its cells as rows, the field's own row in the file's
 metadata) appears only once its cells are classified, so an interrupted run resumes by
@@ -13,17 +14,14 @@ one bad field keeps the others. Fields are grouped into slides only when the tab
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from dataclasses import field as dataclass_field
-from pathlib import Path
 
 import numpy as np
 
 from batch.inputs import slide_name
+from batch.storage import Location, atomic_path, basename, join, list_files, resolve
 from cells.contract import CLASSES, PARASITIZED, UNINFECTED
 from cells.decision import DEFAULT_THRESHOLD, Decision, slide_call
 from cells.stats import wilson_interval
@@ -122,24 +120,6 @@ def count_summary(parasitized: int, cells: int, decision: Decision) -> dict:
             "call": slide_call(parasitized, cells, decision)}
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, text: str | bytes) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(text.encode() if isinstance(text, str) else text)
-
-
 def _cell_schema(with_slide: bool):
     import pyarrow as pa
 
@@ -147,7 +127,7 @@ def _cell_schema(with_slide: bool):
     return pa.schema([(name, types.get(name, pa.int32())) for name in CELL_COLUMNS if with_slide or name != "slide"])
 
 
-def write_part(output: Path, key: str, result: FieldResult) -> None:
+def write_part(output: Location, key: str, result: FieldResult) -> None:
     """The field's part, whole or not at all; written by the worker that analysed it (or by the
     driver for a field no worker could). Written again with the same content if a retried task
     finishes twice: one file per field either way."""
@@ -155,26 +135,38 @@ def write_part(output: Path, key: str, result: FieldResult) -> None:
     import pyarrow.parquet as pq
 
     schema = _cell_schema(with_slide=False).with_metadata({FIELD_METADATA: json.dumps(result.row())})
-    with atomic_path(output / PARTS / f"{key}{PART_SUFFIX}") as temporary:
+    with atomic_path(join(output, PARTS, f"{key}{PART_SUFFIX}")) as temporary:
         pq.write_table(pa.Table.from_pylist(result.cell_rows, schema=schema), temporary)
 
 
-def finished_keys(output: Path) -> set[str]:
-    return {p.name.removesuffix(PART_SUFFIX) for p in (output / PARTS).glob(f"*{PART_SUFFIX}")}
+def parts(output: Location) -> list[str]:
+    """The locations of every part in the output."""
+    return list_files(join(output, PARTS), f"*{PART_SUFFIX}")
 
 
-def read_field(path: Path) -> FieldResult:
-    """A part's field row, without its cells: read from the file's footer."""
+def finished_keys(output: Location) -> set[str]:
+    return {basename(part).removesuffix(PART_SUFFIX) for part in parts(output)}
+
+
+def read_field(part: Location) -> FieldResult:
+    """A part's field row, without its cells: read from the file's footer (range requests on S3)."""
     import pyarrow.parquet as pq
 
-    return FieldResult(**json.loads(pq.read_schema(path).metadata[FIELD_METADATA.encode()]))
+    filesystem, path = resolve(part)
+    return FieldResult(**json.loads(pq.read_schema(path, filesystem=filesystem).metadata[FIELD_METADATA.encode()]))
 
 
-def read_part(path: Path) -> FieldResult:
+def read_cells(part: Location):
+    """A part's cells, as an Arrow table."""
+    import pyarrow.parquet as pq
+
+    filesystem, path = resolve(part)
+    return pq.read_table(path, filesystem=filesystem)
+
+
+def read_part(part: Location) -> FieldResult:
     """A part whole: the field's row and its cells."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
+    table = read_cells(part)
     result = FieldResult(**json.loads(table.schema.metadata[FIELD_METADATA.encode()]))
     result.cell_rows = table.to_pylist()
     return result
@@ -187,7 +179,7 @@ class Tables:
     cells: int
 
 
-def write_tables(output: Path, slide_of: Callable[[str], str] = str, min_cells: int = MIN_CELLS,
+def write_tables(output: Location, slide_of: Callable[[str], str] = str, min_cells: int = MIN_CELLS,
                  expected: dict[str, int] | None = None, decision: Decision = Decision(),
                  tidy: Callable[[list[FieldResult]], list[FieldResult]] | None = None) -> Tables:
     """cells.parquet, fields.parquet/.csv and slides.parquet/.csv from every part in `output`, each
@@ -199,22 +191,22 @@ def write_tables(output: Path, slide_of: Callable[[str], str] = str, min_cells: 
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    by_slide: dict[str, list[tuple[Path, FieldResult]]] = {}
-    for path in (output / PARTS).glob(f"*{PART_SUFFIX}"):
+    by_slide: dict[str, list[tuple[str, FieldResult]]] = {}
+    for path in parts(output):
         result = read_field(path)
         by_slide.setdefault(slide_of(result.field), []).append((path, result))
     expected = expected or {}
     cell_schema, part_schema = _cell_schema(with_slide=True), _cell_schema(with_slide=False)
     field_rows, slide_rows, cells = [], [], 0
-    with atomic_path(output / "cells.parquet") as temporary, pq.ParquetWriter(temporary, cell_schema) as writer:
+    with atomic_path(join(output, "cells.parquet")) as temporary, pq.ParquetWriter(temporary, cell_schema) as writer:
         for slide in sorted(by_slide):
-            parts = sorted(by_slide[slide], key=lambda part: (part[1].field, part[0]))
+            slide_parts = sorted(by_slide[slide], key=lambda part: (part[1].field, part[0]))
             if tidy:  # the cells are needed as rows: read them whole
-                results = tidy([read_part(path) for path, _ in parts])
+                results = tidy([read_part(path) for path, _ in slide_parts])
                 tables = [pa.Table.from_pylist(result.cell_rows, schema=part_schema) for result in results]
             else:
-                results = [result for _, result in parts]
-                tables = [pq.read_table(path).replace_schema_metadata(None) for path, _ in parts]
+                results = [result for _, result in slide_parts]
+                tables = [read_cells(path).replace_schema_metadata(None) for path, _ in slide_parts]
             field_rows.extend({"slide": slide, **result.row()} for result in results)
             table = pa.concat_tables(tables)
             if table.num_rows:
@@ -223,8 +215,8 @@ def write_tables(output: Path, slide_of: Callable[[str], str] = str, min_cells: 
             slide_rows.append(slide_row(slide, results, min_cells, expected.get(slide), decision))
     for name, rows in (("fields", field_rows), ("slides", slide_rows)):
         table = pa.Table.from_pylist(rows)
-        with atomic_path(output / f"{name}.parquet") as temporary:
+        with atomic_path(join(output, f"{name}.parquet")) as temporary:
             pq.write_table(table, temporary)
-        with atomic_path(output / f"{name}.csv") as temporary:
+        with atomic_path(join(output, f"{name}.csv")) as temporary:
             pa.csv.write_csv(table, temporary)
     return Tables(slide_rows, field_rows, cells)

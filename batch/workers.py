@@ -1,8 +1,10 @@
 """The batch job's Ray task: one slide end to end on a worker, classified through the worker's own Triton client.
 
-The driver sends a slide (a path, or an archive member's bytes); the worker analyses it, writes its
-part (and overlay) to the output itself, atomically, and returns only a few numbers: neither the
-crops, nor Triton's traffic, nor the cells pass through the driver. A task whose worker process or
+The driver sends a slide (a location: a file, an object, a zip's member, a whole-slide tile; or a
+tar member's bytes); the worker reads and analyses it, writes its part (and overlay) to the output
+itself, whole or not at all, and returns only a few numbers: neither the image, nor the crops, nor
+Triton's traffic, nor the cells pass through the driver. An object store that does not answer
+(after the SDK's retries) loses the slide (no part) and stops the run: a rerun resumes it. A task whose worker process or
 node dies is rerun by Ray on whichever node has a free CPU; a part written by a task that is then
 rerun is written again whole, with the same content.
 
@@ -14,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
+from batch import storage
 from batch.field import FieldSettings, detector_options
-from batch.inputs import Slide, TooLarge, read_file
+from batch.inputs import Slide, Unreadable, read_slide
 from batch.overlay import overlay_path
-from batch.results import FieldResult, atomic_write, failed, write_part
+from batch.results import FieldResult, failed, write_part
 from batch.wsi import Tile, read_region
 from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
 
@@ -40,7 +42,9 @@ class Outcome:
     error: bool = False
     model_version: str = ""
     lost: str = ""
+    storage_down: bool = False  # lost because the object store did not answer: the run stops (resumably)
     tally: RequestTally = field(default_factory=RequestTally)
+    bytes_read: int = 0  # from the input's file or object
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Shared:
     options: ClientOptions
     overlays: bool
     max_bytes: int
-    output: Path  # absolute: the same path on every node
+    output: str  # an absolute path (the same on every node) or an s3:// prefix
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -85,7 +89,7 @@ def _read(work: Slide | Tile, max_bytes: int) -> bytes | np.ndarray:
     """The encoded bytes of a field, or the decoded region of a whole-slide tile."""
     if isinstance(work, Tile):
         return read_region(work.path, work.read)
-    return work.data if work.data is not None else read_file(work.path, max_bytes)
+    return read_slide(work, max_bytes)
 
 
 async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSettings, overlays: bool, max_bytes: int,
@@ -97,8 +101,11 @@ async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSe
     field_id, source = (work.field_id, work.path) if isinstance(work, Tile) else (work.slide_id, work.source)
     try:
         data = await asyncio.to_thread(_read, work, max_bytes)
-    except TooLarge as error:
-        return failed(field_id, source, f"file {error}"), None
+    except storage.StorageUnavailable as error:
+        outcome.lost, outcome.storage_down = str(error), True
+        return None, None
+    except Unreadable as error:
+        return failed(field_id, source, str(error)), None
     except (OSError, ValueError) as error:  # tifffile reports a damaged tile as a ValueError
         return failed(field_id, source, f"unreadable file: {getattr(error, 'strerror', None) or error}"), None
     try:
@@ -131,15 +138,21 @@ def analyse_slide(work: Slide | Tile, shared: Shared, settings: FieldSettings) -
     address = ray.util.get_node_ip_address()
     outcome = Outcome(ray.get_runtime_context().get_node_id(), address)
     options = replace(shared.options, urls=node_urls(shared.options.urls, address))
+    read_before = storage.bytes_read()
     result, overlay_png = asyncio.run_coroutine_threadsafe(
         _analyse(work, options, settings, shared.overlays, shared.max_bytes, outcome), _client_loop()).result()
+    outcome.bytes_read = storage.bytes_read() - read_before
     if result is None:
         return outcome
-    if overlay_png is not None:
-        path = overlay_path(shared.output, work)
-        atomic_write(path, overlay_png)
-        result.overlay = str(path.relative_to(shared.output))
-    write_part(shared.output, work.key, result)
+    try:
+        if overlay_png is not None:
+            path = overlay_path(shared.output, work)
+            storage.atomic_write(path, overlay_png)
+            result.overlay = storage.relative(path, shared.output)
+        write_part(shared.output, work.key, result)
+    except storage.StorageUnavailable as error:
+        outcome.lost, outcome.storage_down = str(error), True
+        return outcome
     outcome.cells, outcome.error = result.cells, result.status == "error"
     return outcome
 

@@ -19,9 +19,10 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from batch.storage import StorageUnavailable, open_input
 
 WSI_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".tf8")
 TILE = 2048  # level-0 px: ~30 cells across at IML magnification, a 12 MB RGB read with its overlap
@@ -100,7 +101,7 @@ def open_slide(path: str, min_pixels: int) -> WholeSlide | None:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with open_input(path) as handle, tifffile.TiffFile(handle) as tif:
             series = tif.series[0]
             page = _page(tif)
             height, width = int(page.imagelength), int(page.imagewidth)
@@ -113,7 +114,7 @@ def open_slide(path: str, min_pixels: int) -> WholeSlide | None:
                            for level in (series.levels if series.is_pyramidal else [series]))
             return WholeSlide(str(path), width, height, _mpp(tif), levels)
     except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as error:
-        if isinstance(error, WholeSlideError):
+        if isinstance(error, (WholeSlideError, StorageUnavailable)):
             raise
         raise WholeSlideError(f"unreadable whole-slide image: {str(error).splitlines()[0][:160]}") from error
 
@@ -125,7 +126,7 @@ def read_region(path: str, region: tuple[int, int, int, int], level: int = 0) ->
 
     x, y, w, h = region
     out = np.full((h, w, 3), 255, np.uint8)
-    with tifffile.TiffFile(path) as tif:
+    with open_input(path) as handle, tifffile.TiffFile(handle) as tif:
         page = _page(tif, level)
         tile_w, tile_h = page.tilewidth, page.tilelength
         across = math.ceil(page.imagewidth / tile_w)
@@ -169,8 +170,8 @@ def cell_diameter_of(slide: WholeSlide, default: float) -> float:
     return RED_CELL_MICRONS / slide.mpp if slide.mpp else default
 
 
-def is_slide_candidate(path: Path) -> bool:
-    return path.name.lower().endswith(WSI_SUFFIXES)
+def is_slide_candidate(path: str) -> bool:
+    return path.lower().endswith(WSI_SUFFIXES)
 
 
 def slide_of_tile(field_id: str) -> str | None:

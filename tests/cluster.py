@@ -41,13 +41,18 @@ def ray_env() -> dict[str, str]:
 
 
 class LocalCluster:
-    """`with LocalCluster(workers=2) as cluster:` a head and `workers` worker nodes of `cpus` CPUs each."""
+    """`with LocalCluster(workers=2) as cluster:` a head and `workers` worker nodes of `cpus` CPUs each.
 
-    def __init__(self, workers: int = 0, cpus: int = 1, dashboard: bool = False) -> None:
-        self.workers, self.cpus, self.dashboard = workers, cpus, dashboard
+    `env`: more variables for every node (credentials, an endpoint). `own_dirs`: each node starts in
+    a working folder of its own with its own TMPDIR, as nodes that share no disk."""
+
+    def __init__(self, workers: int = 0, cpus: int = 1, dashboard: bool = False, env: dict[str, str] | None = None,
+                 own_dirs: bool = False) -> None:
+        self.workers, self.cpus, self.dashboard, self.own_dirs = workers, cpus, dashboard, own_dirs
         self.port, self.dashboard_port = free_port(), free_port()
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's Unix sockets live under it
-        self.env = ray_env()
+        self.env = {**ray_env(), **(env or {})}
+        self.node_dirs: list[Path] = []
         self.head: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
 
@@ -62,10 +67,16 @@ class LocalCluster:
     def _start(self, arguments: list[str]) -> subprocess.Popen:
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                  "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        env, cwd = self.env, None
+        if self.own_dirs:
+            cwd = Path(tempfile.mkdtemp(prefix="node-", dir=self.temp))
+            (cwd / "tmp").mkdir()
+            self.node_dirs.append(cwd)
+            env = {**self.env, "TMPDIR": str(cwd / "tmp")}
         return subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus),
              "--disable-usage-stats", *ports, *arguments],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
 
     def start(self) -> "LocalCluster":
