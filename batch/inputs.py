@@ -239,7 +239,7 @@ def _tar_kind(info: tarfile.TarInfo) -> str:
 
 
 def _tar_members(location: str, max_bytes: int) -> Iterator[Slide]:
-    with storage.open_input(location) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:  # one pass
+    with storage.open_stream(location) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:  # one pass
         for info in archive:
             if info.isdir() or not is_image(info.name):
                 continue

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.field import FieldSettings
+from batch import storage
 from batch.driver import BatchOptions
+from batch.field import FieldSettings
 from cells.contract import IMAGE_SUFFIXES, MODEL_NAME, REQUEST_BATCH_SIZE
 
 # The issue's targets, as ratios measured in this run.
@@ -189,7 +190,7 @@ def _tree(pid: int, processes: dict) -> set[int]:
     return tree
 
 
-def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
+def job(paths: list[Path] | list[str], options: BenchOptions, output: Path | str) -> dict:
     """`smearscope run` on the fields with the embedded Triton; wall, start-up, steady rate, peak RSS of its
     processes together and by process name."""
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
@@ -222,7 +223,7 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"smearscope run failed ({process.returncode}): {log[-2000:]}")
-    report = json.loads((output / "run.json").read_text())
+    report = json.loads(storage.read_bytes(storage.join(output, "run.json")))
     by_process: dict[str, float] = {}
     rss_by_process: dict[str, float] = {}
     for pid, (name, seconds) in cpu.items():
@@ -233,6 +234,8 @@ def job(paths: list[Path], options: BenchOptions, output: Path) -> dict:
         # CPU of the job's processes over the whole run (start-up included), core-ms per cell, by process name.
         "core_ms_per_cell_by_process": {name: 1000 * s / cells for name, s in sorted(by_process.items(), key=lambda x: -x[1])},
         "cells": report["cells_this_run"],
+        "fields": report["fields_processed_this_run"],
+        "input_bytes_read_by_workers": report["input_bytes_read_by_workers"],
         "wall_s": report["wall_seconds"],
         "startup_s": report["startup_seconds"],
         "cells_per_s": report["cells_per_second"],

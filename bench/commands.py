@@ -1,4 +1,4 @@
-"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown|runtimes`."""
+"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown|runtimes|storage`."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +123,27 @@ def _configure_runtimes(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_runtimes)
 
 
+def _bench_storage(args: argparse.Namespace) -> int:
+    from bench.storage import StorageBenchOptions, bench_storage
+
+    bench_storage(StorageBenchOptions(fields=args.fields, prefix=args.prefix, max_fields=args.max_fields,
+                                      repository=args.repository, out=args.out))
+    return 0
+
+
+def _configure_storage(parser: argparse.ArgumentParser) -> None:
+    from bench.storage import StorageBenchOptions
+
+    defaults = StorageBenchOptions
+    parser.add_argument("--fields", type=Path, required=True, help="folder of real smear fields")
+    parser.add_argument("--prefix", required=True,
+                        help="s3://bucket/prefix to upload the fields to and run from (the standard AWS variables name the store)")
+    parser.add_argument("--max-fields", type=int, default=defaults.max_fields, help="fields used, in name order")
+    parser.add_argument("--repository", type=Path, default=defaults.repository, help="repository the job serves")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
+    parser.set_defaults(handler=_bench_storage)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     benches = add_group(commands, "bench", "throughput benchmarks (numbers, not pass/fail)")
     add_command(benches, "batch", "the end-to-end job beside the bare models and the tutorial loop, on real fields",
@@ -134,3 +155,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                 _configure_shutdown)
     add_command(benches, "runtimes", "ONNX Runtime against OpenVINO on this CPU, both models, speed and agreement",
                 _configure_runtimes)
+    add_command(benches, "storage", "the job on fields in S3 against the same fields on local disk; S3 libraries side by side",
+                _configure_storage)

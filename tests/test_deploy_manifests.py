@@ -47,9 +47,13 @@ def test_rayjob_runs_the_batch_job_against_the_triton_service():
     parser = argparse.ArgumentParser()
     configure_run(parser)
     parser.parse_args(entrypoint[2:])  # every flag of the entrypoint is one the job takes
+    for flag in ("--input", "--output"):  # archives in object storage
+        assert entrypoint[entrypoint.index(flag) + 1].startswith("s3://")
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.60")
     for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        assert "volumes" not in pod["spec"]  # no shared filesystem: every pod reads and writes the bucket
+        assert all(c["envFrom"] == [{"secretRef": {"name": "smearscope-s3"}}] for c in pod["spec"]["containers"])
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": pod}, "1.30", strict=True)
 
 

@@ -238,3 +238,17 @@ def test_three_nodes_sharing_no_folder_read_and_write_s3_with_a_triton_killed(s3
     report = json.loads((downloaded / "run.json").read_text())
     assert len(report["nodes"]) == 3 and report["triton_requests"][kept.grpc_url]["answered"] > 0
     assert not node_files and not any(driver.iterdir())  # nothing written to a node's own folder
+
+
+@pytest.mark.slow
+def test_bench_storage_reports_both_runs_and_the_libraries(s3, tmp_path):
+    out = tmp_path / "storage.json"
+    result = subprocess.run([sys.executable, "-m", "smearscope", "bench", "storage", "--fields", str(FIXTURES / "smears"),
+                             "--prefix", f"s3://{BUCKET}/bench", "--max-fields", "1", "--out", str(out)],
+                            env=aws_env(s3), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    field = sorted((FIXTURES / "smears").glob("*.JPG"))[0].stat().st_size
+    for run in report["runs"].values():
+        assert run["cells"] > 0 and run["input_bytes_per_field"] == field
+    assert report["libraries"]["pyarrow"]["whole"]["mb_per_s"] > 0 and report["s3_vs_local"] > 0
