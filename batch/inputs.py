@@ -100,16 +100,26 @@ def expand(inputs: list[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _wanted(location: str) -> bool:
+    return is_image(location) or is_archive(location)
+
+
+def _remote_matches(argument: str) -> list[str]:
+    """An object itself, or the images and archives under a prefix or matching a pattern below a fixed prefix."""
+    if glob.has_magic(argument):
+        parts = argument.split("/")
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        return [f for f in storage.list_files("/".join(parts[:fixed]), "/".join(parts[fixed:])) if _wanted(f)]
+    kind = storage.kind(argument)
+    if kind == "file":
+        return [argument]
+    return [f for f in storage.list_files(argument) if _wanted(f)] if kind == "directory" else []
+
+
 def _matches(argument: str) -> list[str]:
     """What one argument names: images and archives under a folder or prefix, those matching a pattern."""
-    wanted = lambda location: is_image(location) or is_archive(location)  # noqa: E731
     if storage.is_remote(argument):
-        if glob.has_magic(argument):
-            parts = argument.split("/")
-            fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-            return [f for f in storage.list_files("/".join(parts[:fixed]), "/".join(parts[fixed:])) if wanted(f)]
-        kind = storage.kind(argument)
-        return [argument] if kind == "file" else [f for f in storage.list_files(argument) if wanted(f)] if kind == "directory" else []
+        return _remote_matches(argument)
     matches = sorted(Path(m) for m in glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [Path(argument)]
     if not all(m.exists() for m in matches):
         return []
@@ -117,7 +127,7 @@ def _matches(argument: str) -> list[str]:
     for match in matches:
         if match.is_dir():
             # Not only regular files: a FIFO or dangling link named like an image becomes an error row.
-            found.extend(str(p) for p in sorted(match.rglob("*")) if not p.is_dir() and wanted(p.name))
+            found.extend(str(p) for p in sorted(match.rglob("*")) if not p.is_dir() and _wanted(p.name))
         else:
             found.append(str(match))
     return found

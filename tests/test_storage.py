@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from batch import storage
-from batch.inputs import DEFAULT_MAX_BYTES, iter_slides, read_slide
+from batch.inputs import DEFAULT_MAX_BYTES, expand, iter_slides, read_slide
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import EmbeddedServer
 from tests.cluster import LocalCluster
@@ -95,6 +95,12 @@ def test_archive_members_and_slide_tiles_are_read_by_range(s3_env, tmp_path):
     client = s3_env.client()
     for path in (archive, tmp_path / "slide.tif"):
         client.upload_file(str(path), BUCKET, f"range/{path.name}")
+
+    prefix = f"s3://{BUCKET}/range"
+    assert expand([f"{prefix}/"]) == [f"{prefix}/fields.zip", f"{prefix}/slide.tif"]
+    assert expand([f"{prefix}/*.zip"]) == expand([f"{prefix}/fields.zip"]) == [f"{prefix}/fields.zip"]
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        expand([f"{prefix}/*.png"])
 
     before = storage.bytes_read()
     slides = list(iter_slides([f"s3://{BUCKET}/range/fields.zip"]))
