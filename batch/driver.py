@@ -179,7 +179,7 @@ async def process(options: BatchOptions, urls: list[str], progress: Progress,
     if fallback:
         print(f"warning: no detector served ({fallback}): finding cells with the classical finder", flush=True)
     analyse = remote_analyse_slide(options.worker_cpus)
-    output = absolute(options.output)  # the workers write there: the same location on every node
+    output = options.output  # absolute (_run): the workers write there, the same location on every node
     shared_ref = ray.put(Shared(client_options, options.overlays, options.max_bytes, output))
     settings_ref = ray.put(settings)
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
@@ -272,8 +272,8 @@ def write_overviews(output: str, tables: Tables) -> dict[str, str]:
     from batch.overlay import overview
 
     written = {}
+    filesystem, cells_path = resolve(join(output, "cells.parquet"))
     for slide in sorted({row["slide"] for row in tables.fields if slide_of_tile(row["field"])}):
-        filesystem, cells_path = resolve(join(output, "cells.parquet"))
         cells = pq.read_table(cells_path, filesystem=filesystem, filters=[("slide", "=", slide)]).to_pylist()
         path = overlay_path(output, Slide(slide, slide))
         with atomic_path(path) as temporary:

@@ -136,15 +136,14 @@ def gate_cells(data: Path, split: Path | None, calibration_count: int = CALIBRAT
 def int8_models(fp32: Path, work: Path, calibration: np.ndarray, validation) -> tuple[dict[str, Path], dict, list[str]]:
     """Quantise for both runtimes, then gate each on the validation cells: ({runtime: INT8 path},
     {runtime: gate report}, reasons they fail)."""
-    from cells.runtime import OnnxModel, OpenVinoModel
+    from cells.runtime import RUNTIMES, OnnxModel
 
     models = {"onnxruntime": quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration),
               "openvino": openvino_int8(fp32, Path(work) / "openvino" / "model.xml", calibration)}
-    runners = {"onnxruntime": OnnxModel, "openvino": OpenVinoModel}
     reference = OnnxModel(fp32)(validation.images)
     reports, failures = {}, []
     for runtime, path in models.items():
-        answers = runners[runtime](path)(validation.images)
+        answers = RUNTIMES[runtime](path)(validation.images)
         reports[runtime], failed = gate_int8(reference, answers, validation.labels, f"{runtime} INT8")
         reports[runtime] |= {"calibration_images": int(len(calibration)),
                              "int8_bytes": sum(f.stat().st_size for f in path.parent.glob(f"{path.stem}.*"))}

@@ -65,11 +65,11 @@ def export_detector(model_path: Path, repository: Path, parity_data: Path = DEFA
     same_cells, openvino_fields = True, []
     for field, factor, shape in fields:
         reference = np.asarray(model(field[None], training=False))
-        for kind, runner in runners.items():
-            maps = runner(field[None])
-            diffs[kind] = max(diffs[kind], float(np.max(np.abs(maps - reference))))
-            same_cells &= len(cells_from_maps(maps[0], shape, factor)) == len(cells_from_maps(reference[0], shape, factor))
-        openvino_fields.append((openvino(field[None])[0], runners["fp32"](field[None])[0], shape, factor))
+        maps = {kind: runner(field[None]) for kind, runner in runners.items()}
+        for kind in runners:
+            diffs[kind] = max(diffs[kind], float(np.max(np.abs(maps[kind] - reference))))
+            same_cells &= len(cells_from_maps(maps[kind][0], shape, factor)) == len(cells_from_maps(reference[0], shape, factor))
+        openvino_fields.append((openvino(field[None])[0], maps["fp32"][0], shape, factor))
     openvino_f1 = same_cells_f1(openvino_fields)
     log(f"detector parity on {len(fields)} fields: max |diff| FP32 {diffs['fp32']:.2e}, FP16 {diffs['fp16']:.2e}, "
          f"same cells {same_cells}, OpenVINO cells F1 {openvino_f1:.4f}")

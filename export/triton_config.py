@@ -12,9 +12,7 @@ from cells.contract import (
     MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME, write_labels,
 )
 from cells.decision import read_decision
-from cells.repository import (
-    CONFIG_FILE, OPENVINO_CONFIG, OPENVINO_FILE, custom_config, model_dir, platform_of, served_onnx, version_dir,
-)
+from cells.repository import CONFIG_FILE, OPENVINO_CONFIG, custom_config, model_dir, platform_of, runtime_model, version_dir
 
 KINDS = ("classifier", "detector")
 
@@ -113,8 +111,7 @@ def write_model_config(repository: Path, params: ServingParameters) -> Path:
     openvino = custom_config(repository, params.name, OPENVINO_CONFIG)
     openvino.unlink(missing_ok=True)
     if platform == "onnxruntime_onnx":
-        own = (version_dir(repository, params.name) / OPENVINO_FILE).is_file()
-        model_file = OPENVINO_FILE if own else served_onnx(repository, params.name).name
+        model_file = runtime_model(repository, params.name, "openvino").name
         openvino.parent.mkdir(exist_ok=True)
         openvino.write_text(text_format.MessageToString(openvino_config(config, params, model_file)))
     if params.kind == "classifier":
