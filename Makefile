@@ -23,7 +23,7 @@ browser:
 		|| echo "chromium not installed: the browser tests will skip"
 
 test: install browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The suite without servers, clusters or training (tests marked slow): a quick loop while editing.
 test-fast: install

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batch.results import parts
 from cells.contract import INPUT_NAME, MODEL_NAME
 from deploy.server import free_port
 
@@ -138,12 +139,12 @@ def _run(fields: Path, work: Path) -> dict:
             shutil.copy(field, inputs / f"{copy}-{field.name}")
     process = _background(["run", "--input", str(inputs), "--output", str(output)], work / "run.log")
     deadline = time.monotonic() + 300
-    while len(list((output / "parts").glob("*.json"))) < 2:
+    while len(parts(str(output))) < 2:
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the run ended or stalled before two fields: {(work / 'run.log').read_text()[-500:]}")
         time.sleep(0.05)
     result = _sigterm(process)
-    return {**result, "fields_done": len(list((output / "parts").glob("*.json"))),
+    return {**result, "fields_done": len(parts(str(output))),
             "fields": len(list(inputs.glob("*.JPG")))}
 
 

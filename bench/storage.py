@@ -11,6 +11,7 @@ of its own; s3fs and obstore where they are installed (they are not the job's de
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +108,14 @@ def bench_storage(options: StorageBenchOptions) -> dict:
     job_options = BenchOptions(fields=options.fields, repository=options.repository, out=options.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = {}
-    for where, inputs, output in (("local", paths, Path(f"/tmp/smearscope-bench-storage-{stamp}")),
-                                  ("s3", [storage.join(options.prefix, "fields/")], storage.join(options.prefix, "runs", stamp))):
-        run = job(inputs, job_options, output)
-        run["input_bytes_per_field"] = run["input_bytes_read_by_workers"] / max(run["fields"], 1)
-        runs[where] = run
-        print(f"{where}: {run['steady_cells_per_s']:.1f} cells/s steady, {run['input_bytes_per_field']:,.0f} bytes "
-              f"read a field, start-up {run['startup_s']:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="smearscope-bench-storage-") as local:
+        for where, inputs, output in (("local", paths, Path(local)),
+                                      ("s3", [storage.join(options.prefix, "fields/")], storage.join(options.prefix, "runs", stamp))):
+            run = job(inputs, job_options, output)
+            run["input_bytes_per_field"] = run["input_bytes_read_by_workers"] / max(run["fields"], 1)
+            runs[where] = run
+            print(f"{where}: {run['steady_cells_per_s']:.1f} cells/s steady, {run['input_bytes_per_field']:,.0f} bytes "
+                  f"read a field, start-up {run['startup_s']:.1f} s", flush=True)
     libraries = {library: in_child(_library_reads, library, uris)
                  for library in ("pyarrow", "s3fs", "obstore") if _installed(library)}
     for library, reads in libraries.items():

@@ -20,6 +20,7 @@ import numpy as np
 
 from cells.errors import UserError
 from cells.repository import CONFIG_FILE, model_dir, read_model_config, runtime_model, served_onnx
+from deploy.leftovers import Leftovers, orphans
 
 ACCESS_TOKEN_ENV = "SMEARSCOPE_TRITON_ACCESS_TOKEN"
 
@@ -160,21 +161,32 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
     # Models are bound first and Triton started with them all by run(): each loads once, with its full config.
     lifecycle = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=False)
-    with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
-        for name, (path, config) in models.items():
-            _bind(triton, name, path, config, options.threads, runtimes[name])
-        triton.run()
-        served = ", ".join(f"{name} ({path}, {runtimes[name]})" for name, (path, _) in models.items())
-        print(
-            f"serving {served} on http://{options.host}:{options.http_port} "
-            f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",
-            flush=True,
-        )
-        while not stop.wait(0.2):
-            if not triton.is_alive():
-                raise ServeError("Triton stopped unexpectedly")
-            if options.parent_pid is not None and os.getppid() != options.parent_pid:
-                # Orphaned: the launcher was killed (SIGKILL, OOM) before it could stop us.
-                print("launcher process gone", flush=True)
-                break
-        print("shutting down", flush=True)
+    left = orphans()
+    if left:
+        print(f"removed what killed servers left: {left.remove()}", flush=True)
+    leftovers = Leftovers()
+    try:
+        with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
+            try:
+                for name, (path, config) in models.items():
+                    _bind(triton, name, path, config, options.threads, runtimes[name])
+                triton.run()
+                served = ", ".join(f"{name} ({path}, {runtimes[name]})" for name, (path, _) in models.items())
+                print(
+                    f"serving {served} on http://{options.host}:{options.http_port} "
+                    f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",
+                    flush=True,
+                )
+                while not stop.wait(0.2):
+                    if not triton.is_alive():
+                        raise ServeError("Triton stopped unexpectedly")
+                    if options.parent_pid is not None and os.getppid() != options.parent_pid:
+                        # Orphaned: the launcher was killed (SIGKILL, OOM) before it could stop us.
+                        print("launcher process gone", flush=True)
+                        break
+                print("shutting down", flush=True)
+            finally:
+                leftovers = Leftovers.of_tree(os.getpid())  # while the stubs are still our descendants
+    finally:
+        if leftovers:  # stubs past Triton's exit timeout, regions it did not unlink
+            print(f"removed after Triton's exit: {leftovers.remove()}", flush=True)

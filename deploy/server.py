@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy.embedded import ACCESS_TOKEN_ENV, ServeError, ServeOptions, model_names
+from deploy.leftovers import Leftovers
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,7 +44,7 @@ class EmbeddedServer:
         self.http_port, self.grpc_port, self.metrics_port = (free_port(host) for _ in range(3))
         self.access_token = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="smearscope-serve-", suffix=".log", delete=False)
+        self.log = None
 
     @property
     def grpc_url(self) -> str:
@@ -67,18 +68,22 @@ class EmbeddedServer:
             "--parent-pid", str(os.getpid()),  # a killed launcher must not leave its server running
         ]
         env = {**os.environ, ACCESS_TOKEN_ENV: self.access_token}
+        self.log = tempfile.NamedTemporaryFile(prefix="smearscope-serve-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServeError(f"server exited with code {self.process.returncode}: {self._last_line()}")
+                message = f"server exited with code {self.process.returncode}: {self._last_line()}"
+                self.stop()
+                raise ServeError(message)
             if self.ready():
                 return self
             time.sleep(0.5)
+        message = f"server not ready after {self.startup_timeout:.0f}s: {self._last_line()}"
         self.stop()
-        raise ServeError(f"server not ready after {self.startup_timeout:.0f}s: {self._last_line()}")
+        raise ServeError(message)
 
     def ready(self) -> bool:
         """Every model it serves answers ready (the server's own readiness comes before PyTriton loads them)."""
@@ -98,23 +103,34 @@ class EmbeddedServer:
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM and wait (Triton unloads the model, frees shared memory); SIGKILL the group if stuck."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM and wait (the server stops Triton and removes its own leftovers); kill it if stuck.
+        Whatever of its process group outlived it (a stub) is killed and its regions unlinked."""
+        if self.process is None:
             return
-        self.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        Leftovers.of_group(self.process.pid).remove()
+        self._remove_log()
 
     def kill(self) -> None:
-        """Kill the whole server process group at once, as a crash would, then free its shared memory."""
+        """Kill the whole server process group at once, as a crash would, then remove what it held:
+        its shared-memory segments, which no process of the group lived to unlink."""
         if self.process is not None and self.process.poll() is None:
+            leftovers = Leftovers.of_group(self.process.pid)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            for segment in Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"):
-                segment.unlink(missing_ok=True)
+            leftovers.remove()
+        self._remove_log()
+
+    def _remove_log(self) -> None:
+        """The server's output is read only while it starts (`_last_line`): nothing of it is left in /tmp."""
+        if self.log is not None:
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
 
     def _last_line(self) -> str:
         lines = Path(self.log.name).read_text(errors="replace").strip().splitlines()

@@ -84,8 +84,8 @@ class LocalCluster:
                                  "--include-dashboard", str(self.dashboard).lower(), "--dashboard-host", "127.0.0.1",
                                  "--dashboard-port", str(self.dashboard_port)])
         self.wait_for_nodes(1)
-        for _ in range(self.workers):
-            self.add_node()
+        self.nodes = [self._start(["--address", self.address]) for _ in range(self.workers)]
+        self.wait_for_nodes(1 + self.workers)
         if self.dashboard:
             self._wait_http(f"{self.dashboard_url}/api/version", 120)
         return self
@@ -96,21 +96,29 @@ class LocalCluster:
         self.wait_for_nodes(1 + sum(n.poll() is None for n in self.nodes))
         return node
 
-    def node_addresses(self) -> list[str]:
-        """The address Ray gives each live node (not always the loopback it was started on: Ray issue 59110)."""
-        script = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                  "print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))")
-        result = subprocess.run([sys.executable, "-c", script, self.address], env=self.env, capture_output=True,
-                                text=True, timeout=120)
-        return result.stdout.strip().splitlines()[-1].split() if result.returncode == 0 and result.stdout.strip() else []
+    def node_addresses(self, count: int = 0, seconds: float = 120) -> list[str]:
+        """The address Ray gives each live node (not always the loopback it was started on: Ray issue
+        59110), once `count` nodes are live (any number for 0). One client polls: each new client
+        costs seconds of imports and a connection."""
+        script = ("import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                  "count, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])\n"
+                  "while True:\n"
+                  "    alive = [n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]\n"
+                  "    if not count or len(alive) == count or time.monotonic() > deadline: break\n"
+                  "    time.sleep(0.2)\n"
+                  "print(' '.join(alive))")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:  # the head's GCS may not take clients for its first seconds
+            result = subprocess.run([sys.executable, "-c", script, self.address, str(count), str(seconds)],
+                                    env=self.env, capture_output=True, text=True, timeout=seconds + 60)
+            if result.returncode == 0 and result.stdout.strip():
+                return result.stdout.strip().splitlines()[-1].split()
+            time.sleep(1)
+        return []
 
     def wait_for_nodes(self, count: int, seconds: float = 120) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if len(self.node_addresses()) == count:
-                return
-            time.sleep(1)
-        raise TimeoutError(f"the cluster did not reach {count} live nodes")
+        if len(self.node_addresses(count, seconds)) != count:
+            raise TimeoutError(f"the cluster did not reach {count} live nodes")
 
     @staticmethod
     def _wait_http(url: str, seconds: float) -> None:

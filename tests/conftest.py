@@ -1,10 +1,33 @@
-"""Shared fixtures: the committed real NIH cells and smear fields."""
+"""Shared fixtures: the committed real NIH cells and smear fields, and the servers and the cluster
+the whole session shares.
+
+Shared for the session (started when a test first asks, stopped at its end). No test stops, kills,
+signals or reconfigures one of them: a test that does (a killed server, a stopped store, a node
+that dies, a server with another config) starts its own beside them.
+- `server`: Triton on `repository` (the untrained export beside the released detector), ONNX Runtime.
+- `released_server`: Triton on model_repository/ (the released models), OpenVINO.
+- `s3`: moto's S3 server with signatures checked, bucket `BUCKET`.
+- `ray_cluster`: a head (with its dashboard, for `ray job submit`) and two worker nodes of one CPU,
+  each in a folder of its own, with `s3`'s credentials: nodes that share no disk.
+`shared_run()` runs `smearscope run` on them (`--ray-address`, `--triton-url`). The embedded start
+(its own Ray and Triton) is what `test_batch_job.py::embedded_run`, `test_web.py`'s SIGTERM test,
+`test_storage.py`'s stopping store, `test_bench.py` and `test_serve.py`'s signal tests exercise;
+everything else uses the shared ones.
+
+Nothing is left behind: `nothing_left_behind` marks every process the suite starts (through its
+environment), points TMPDIR into pytest's own folder, and fails the session, naming them, if a
+marked process, a `/dev/shm` entry or a new file in /tmp or PyTriton's workspace outlives it.
+"""
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +36,60 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CELLS = FIXTURES / "cells"
+SESSION_MARK = "SMEARSCOPE_TEST_SESSION"
+BUCKET = "lab"
+# The runtime of every server of the released models in the suite: runs compared cell for cell must
+# not depend on which of them answered (auto would differ between CPUs).
+RELEASED_RUNTIME = "openvino"
+WATCHED = (Path("/tmp"), Path("/dev/shm"), Path.home() / ".cache" / "pytriton")
+
+
+def _entries(folder: Path) -> set[Path]:
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+def _marked_processes(mark: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose environment carries this session's mark."""
+    from deploy.leftovers import running
+
+    found = []
+    for process in running():
+        try:
+            environ = Path(f"/proc/{process.pid}/environ").read_bytes()
+            command = Path(f"/proc/{process.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{SESSION_MARK}={mark}".encode() in environ.split(b"\0") and process.pid != os.getpid():
+            found.append((process.pid, command.strip()[:200]))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory) -> Iterator[None]:
+    """Set up before, and torn down after, every other session fixture (servers, the cluster)."""
+    mark = secrets.token_hex(8)
+    temporary = tmp_path_factory.getbasetemp() / "tmp"  # short: Ray's Unix sockets live below TMPDIR
+    temporary.mkdir()
+    os.environ.update({SESSION_MARK: mark, "TMPDIR": str(temporary)})
+    tempfile.tempdir = None  # this process too
+    before = {folder: _entries(folder) for folder in WATCHED}
+    yield
+    deadline = time.monotonic() + 30  # Ray's and Triton's processes may take a moment to exit
+    while True:
+        processes = _marked_processes(mark)
+        files = sorted(str(path) for folder in WATCHED for path in _entries(folder) - before[folder]
+                       if not path.name.startswith("pytest-of-"))
+        if not (processes or files) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for pid, _ in processes:  # killed, so the next run starts clean; the files are only named
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if processes or files:
+        pytest.fail("the suite left behind: " + "; ".join([f"process {pid} ({command})" for pid, command in processes]
+                                                          + [f"file {path}" for path in files]), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +174,41 @@ def server(repository):
 
     with EmbeddedServer(repository, runtime="onnxruntime") as running:  # answers equal to ONNX Runtime in-process
         yield running
+
+
+@pytest.fixture(scope="session")
+def released_server():
+    """The released models served as `--runtime openvino` serves them (test_serve.py checks that runtime)."""
+    from cells.repository import DEFAULT_REPOSITORY
+    from deploy.server import EmbeddedServer
+
+    with EmbeddedServer(DEFAULT_REPOSITORY, runtime=RELEASED_RUNTIME) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from tests.s3 import S3Server
+
+    with S3Server() as running:
+        running.client().create_bucket(Bucket=BUCKET)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    from tests.cluster import LocalCluster
+
+    with LocalCluster(workers=2, dashboard=True, env=s3.env, own_dirs=True) as cluster:
+        yield cluster
+
+
+def shared_run(cluster, server, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 900) -> subprocess.CompletedProcess:
+    """`smearscope run ARGS` on the shared cluster and server, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "smearscope", "run", *args, "--ray-address", cluster.address,
+                           "--triton-url", server.grpc_url], env=env or cluster.env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def result_tables(output: Path) -> tuple[list[dict], list[dict]]:

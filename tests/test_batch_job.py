@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cells.contract import MODEL_NAME
-from tests.cluster import LocalCluster
-from tests.conftest import FIXTURES, check_consistent, fixture_copies, result_tables, run_cli
+from tests.conftest import FIXTURES, check_consistent, fixture_copies, result_tables, run_cli, shared_run
 
 pytestmark = pytest.mark.slow
 FIELDS = FIXTURES / "smears"
@@ -41,6 +40,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory, inputs, repository):
+    """The run a newcomer makes: its own Ray and Triton, started and stopped by the job."""
     output = tmp_path_factory.mktemp("out")
     result = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository),
                      "--overlays", timeout=900)
@@ -70,24 +70,24 @@ def test_embedded_default_writes_every_output(embedded_run):
     assert "parasitemia %" in result.stdout
 
 
-def test_rerun_skips_finished_slides(embedded_run, inputs, repository, tmp_path):
+def test_rerun_skips_finished_slides(embedded_run, inputs, repository, ray_cluster, server):
     output, _ = embedded_run
     before = result_tables(output)
-    again = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository), timeout=600)
+    again = shared_run(ray_cluster, server, "--input", str(inputs), "--output", str(output), "--repository", str(repository))
     assert again.returncode == 0, again.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
     assert report["fields_processed_this_run"] == 0 and report["fields_skipped_as_finished"] == len(before[1])
     assert result_tables(output) == before
 
 
-def test_fields_regrouped_into_slides_without_reprocessing(embedded_run, inputs, repository, tmp_path):
+def test_fields_regrouped_into_slides_without_reprocessing(embedded_run, inputs, repository, ray_cluster, server, tmp_path):
     """A manifest puts two good fields and a truncated one on slide S1: its counts are the good
     fields', the bad one is named, and nothing is classified again."""
     output, _ = embedded_run
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("image,slide\nPA171691.JPG,S1\nPA171772.JPG,S1\ntruncated.jpg,S1\n")
-    result = run_cli("run", "--input", str(inputs), "--output", str(output), "--repository", str(repository),
-                     "--group", "manifest", "--manifest", str(manifest), timeout=600)
+    result = shared_run(ray_cluster, server, "--input", str(inputs), "--output", str(output), "--repository",
+                        str(repository), "--group", "manifest", "--manifest", str(manifest))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
     assert report["group"] == "manifest" and report["fields_processed_this_run"] == 0
@@ -102,7 +102,7 @@ def test_fields_regrouped_into_slides_without_reprocessing(embedded_run, inputs,
     assert "S1" in result.stdout and "95% CI" in result.stdout
 
 
-def test_the_threshold_stored_with_the_model_labels_the_cells(embedded_run, repository, tmp_path):
+def test_the_threshold_stored_with_the_model_labels_the_cells(embedded_run, repository, ray_cluster, server, tmp_path):
     """A decision.json beside the served model sets the threshold: put it at the median p(parasitized)
     of the first run, and about half the cells of a field are Parasitized, each by p >= threshold."""
     import numpy as np
@@ -117,8 +117,8 @@ def test_the_threshold_stored_with_the_model_labels_the_cells(embedded_run, repo
                         thresholds=(threshold,), false_positives=(2,), true_positives=(9,))
     (copy / MODEL_NAME / DECISION_FILE).write_text(json.dumps(decision.to_json()))
     output = tmp_path / "out"
-    result = run_cli("run", "--input", str(FIELDS / "PA171691.JPG"), "--output", str(output), "--repository", str(copy),
-                     timeout=600)
+    result = shared_run(ray_cluster, server, "--input", str(FIELDS / "PA171691.JPG"), "--output", str(output),
+                        "--repository", str(copy))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
     assert report["threshold"] == threshold and report["threshold_validated_on"] == "a test"
@@ -129,12 +129,14 @@ def test_the_threshold_stored_with_the_model_labels_the_cells(embedded_run, repo
     assert slide["call"] == "positive" and sum(report["calls"].values()) == 1  # far above 0.2 % false positives
 
 
-def test_resume_after_a_killed_run(inputs, repository, tmp_path):
+def test_resume_after_a_killed_run(inputs, repository, ray_cluster, server, tmp_path):
     many = fixture_copies(tmp_path / "many", 4)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "smearscope", "run", "--input", str(many), "--output", str(output),
-               "--repository", str(repository), "--max-pending", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+               "--repository", str(repository), "--max-pending", "1", "--ray-address", ray_cluster.address,
+               "--triton-url", server.grpc_url]
+    process = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list((output / "parts").glob("*.parquet"))) < 2:
         time.sleep(0.2)
@@ -142,7 +144,7 @@ def test_resume_after_a_killed_run(inputs, repository, tmp_path):
     process.wait()
     finished = len(list((output / "parts").glob("*.parquet")))
     assert 2 <= finished < 12, "the run was not interrupted mid-way"
-    resumed = run_cli("run", "--input", str(many), "--output", str(output), "--repository", str(repository), timeout=900)
+    resumed = shared_run(ray_cluster, server, "--input", str(many), "--output", str(output), "--repository", str(repository))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((output / "run.json").read_text())
     assert report["fields_skipped_as_finished"] >= finished  # a worker may have finished its field after the kill
@@ -151,10 +153,10 @@ def test_resume_after_a_killed_run(inputs, repository, tmp_path):
     assert len(slides) == 12 and all(s["status"] == "ok" for s in slides)
 
 
-def test_nothing_processable_exits_nonzero(tmp_path, repository):
+def test_nothing_processable_exits_nonzero(tmp_path, repository, ray_cluster, server):
     (tmp_path / "bad.jpg").write_bytes(b"")
-    result = run_cli("run", "--input", str(tmp_path / "bad.jpg"), "--output", str(tmp_path / "out"),
-                     "--repository", str(repository), timeout=600)
+    result = shared_run(ray_cluster, server, "--input", str(tmp_path / "bad.jpg"), "--output", str(tmp_path / "out"),
+                        "--repository", str(repository))
     assert result.returncode != 0
     missing = run_cli("run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out2"), timeout=60)
     assert missing.returncode != 0 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
@@ -166,33 +168,33 @@ def documented(command: str, **replace: str) -> list[str]:
     return [replace.get(word, word) for word in shlex.split(line.split("  #")[0])]
 
 
-def test_ray_job_submit_and_stop_as_documented(server, tmp_path):
+def test_ray_job_submit_and_stop_as_documented(server, ray_cluster, tmp_path):
     """A real `ray start --head` with its dashboard and the project's environment first on PATH, as
     docs/usage.md says to start it; `ray job submit` and `ray job stop` exactly as written there."""
     output, stopped = tmp_path / "out", tmp_path / "stopped"
     many = fixture_copies(tmp_path / "many", 8)
-    with LocalCluster(dashboard=True) as cluster:
-        def ray(*words: str, timeout: float = 600) -> subprocess.CompletedProcess:
-            return subprocess.run(words, env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
-        places = {"http://HEAD:8265": cluster.dashboard_url, "HOST:8001": server.grpc_url}
-        submit = ray(*documented("ray job submit", **places, **{"/data/smears": str(FIELDS), "/data/results": str(output)}))
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
-        job = re.search(r"Job '(\S+)' submitted successfully", submit.stdout).group(1)
-        status = ray("ray", "job", "status", "--address", cluster.dashboard_url, job, timeout=60)
-        assert f"Job '{job}' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
-        assert "slides of" in submit.stdout  # the job's own summary line, streamed from its logs
+    def ray(*words: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(words, env=ray_cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
-        words = documented("ray job submit", **places, **{"/data/smears": str(many), "/data/results": str(stopped)})
-        running = ray(*words[:3], "--no-wait", *words[3:])  # the same job, not waited for
-        job = re.search(r"Job '(\S+)' submitted successfully", running.stdout).group(1)
-        deadline = time.monotonic() + 300
-        while len(list((stopped / "parts").glob("*.parquet"))) < 2:
-            assert time.monotonic() < deadline, "the job made no progress"
-            time.sleep(0.05)
-        stop = ray(*documented("ray job stop", **places, JOB_ID=job), timeout=120)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
-        logs = ray("ray", "job", "logs", "--address", cluster.dashboard_url, job, timeout=60).stdout
+    places = {"http://HEAD:8265": ray_cluster.dashboard_url, "HOST:8001": server.grpc_url}
+    submit = ray(*documented("ray job submit", **places, **{"/data/smears": str(FIELDS), "/data/results": str(output)}))
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
+    job = re.search(r"Job '(\S+)' submitted successfully", submit.stdout).group(1)
+    status = ray("ray", "job", "status", "--address", ray_cluster.dashboard_url, job, timeout=60)
+    assert f"Job '{job}' succeeded" in status.stdout, status.stdout + status.stderr  # submit exits 0 for STOPPED jobs too
+    assert "slides of" in submit.stdout  # the job's own summary line, streamed from its logs
+
+    words = documented("ray job submit", **places, **{"/data/smears": str(many), "/data/results": str(stopped)})
+    running = ray(*words[:3], "--no-wait", *words[3:])  # the same job, not waited for
+    job = re.search(r"Job '(\S+)' submitted successfully", running.stdout).group(1)
+    deadline = time.monotonic() + 300
+    while len(list((stopped / "parts").glob("*.parquet"))) < 2:
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.05)
+    stop = ray(*documented("ray job stop", **places, JOB_ID=job), timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    logs = ray("ray", "job", "logs", "--address", ray_cluster.dashboard_url, job, timeout=60).stdout
     finished = len(list((stopped / "parts").glob("*.parquet")))
     assert finished < 24, "the premise: the job was stopped mid-way"
     said = re.search(r"interrupted: (\d+) of", logs)  # stopped by its own handler, not SIGKILL

@@ -47,13 +47,16 @@ def test_bench_batch_sets_the_job_beside_the_bare_models(repository, tmp_path):
     assert "smearscope run --runtime auto" in table and "| `--runtime onnxruntime` |" in table
 
 
-def test_bench_shutdown_times_a_signalled_server(tmp_path):
+def test_bench_shutdown_times_a_signalled_server_and_run(tmp_path):
     out = tmp_path / "shutdown.json"
-    result = run_cli("bench", "shutdown", "--out", str(out), "--repeats", "1", "--cases", "serve-idle", timeout=300)
+    result = run_cli("bench", "shutdown", "--out", str(out), "--repeats", "1", "--cases", "serve-idle", "run",
+                     timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    (run,) = report["runs"]["serve-idle"]
-    assert run["exit_code"] == 0 and run["seconds"] > 0 and report["cpu"]
+    (served,) = report["runs"]["serve-idle"]
+    assert served["exit_code"] == 0 and served["seconds"] > 0 and report["cpu"]
+    (run,) = report["runs"]["run"]  # stopped once two of its fields' parts were written
+    assert run["exit_code"] == 143 and 2 <= run["fields_done"] < run["fields"]
 
 
 def test_bench_feed_reports_the_pipeline_around_stand_in_models(tmp_path):

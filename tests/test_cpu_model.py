@@ -76,7 +76,7 @@ def test_quantize_serves_a_gated_int8_and_keeps_the_fp16_for_engines(tmp_path):
 def test_a_broken_calibration_is_refused_and_the_repository_left_as_it_was(tmp_path, fp32, cells, monkeypatch):
     calibration, validation = cells
     dark = calibration // 16  # activation ranges far too narrow for real cells
-    _, reports, failures = int8_models(fp32, tmp_path, dark, validation)
+    models, reports, failures = int8_models(fp32, tmp_path, dark, validation)
     assert [failure.split(" accuracy")[0] for failure in failures] == ["onnxruntime INT8", "openvino INT8"]
     assert all("points below FP32" in failure for failure in failures)
     assert all(report["int8_accuracy"] < report["fp32_accuracy"] for report in reports.values())
@@ -84,6 +84,8 @@ def test_a_broken_calibration_is_refused_and_the_repository_left_as_it_was(tmp_p
     repository = fp16_repository(tmp_path / "repo")
     before = {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()}
     monkeypatch.setattr("export.pipeline.gate_cells", lambda data, split: (dark, validation))
+    # The export path gets the same calibration's models and gates, quantised once above.
+    monkeypatch.setattr("export.pipeline.int8_models", lambda *_: (models, reports, failures))
     with pytest.raises(ExportError, match="INT8 gate failed, repository unchanged"):
         quantize_repository(repository, MODEL_NAME, CELLS, None, tmp_path / "work")
     assert {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()} == before

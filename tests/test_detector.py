@@ -16,7 +16,7 @@ from cells.errors import BadInput
 from cells.repository import DEFAULT_REPOSITORY, read_model_config
 from deploy.client import CLASSIFIER, DETECTOR, check_contract
 from export.triton_config import DETECTOR_SERVING, build_config
-from tests.conftest import FIXTURES, run_cli
+from tests.conftest import FIXTURES, run_cli, shared_run
 
 FIELDS = FIXTURES / "smears"
 ANNOTATIONS = FIELDS / "annotations.json"
@@ -107,23 +107,20 @@ def test_train_resume_and_export_a_detector(tmp_path):
 
 
 @pytest.mark.slow
-def test_both_models_in_one_triton_and_the_batch_job_finds_cells_with_the_detector(tmp_path):
+def test_both_models_in_one_triton_and_the_batch_job_finds_cells_with_the_detector(released_server, ray_cluster, tmp_path):
     import tritonclient.grpc as grpcclient
 
-    from deploy.server import EmbeddedServer
-
-    with EmbeddedServer(DEFAULT_REPOSITORY) as server:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        check_contract(client.get_model_metadata(MODEL_NAME, as_json=True), MODEL_NAME, CLASSIFIER)
-        check_contract(client.get_model_metadata(DETECTOR_NAME, as_json=True), DETECTOR_NAME, DETECTOR)
-        results = {}
-        for finder in ("learned", "classical"):
-            output = tmp_path / finder
-            run = run_cli("run", "--input", str(FIELDS), "--output", str(output), "--triton-url", server.grpc_url,
-                          "--finder", finder, "--keep-border-cells")
-            assert run.returncode == 0, run.stderr[-2000:]
-            results[finder] = output
-        client.close()
+    client = grpcclient.InferenceServerClient(released_server.grpc_url)
+    check_contract(client.get_model_metadata(MODEL_NAME, as_json=True), MODEL_NAME, CLASSIFIER)
+    check_contract(client.get_model_metadata(DETECTOR_NAME, as_json=True), DETECTOR_NAME, DETECTOR)
+    client.close()
+    results = {}
+    for finder in ("learned", "classical"):
+        output = tmp_path / finder
+        run = shared_run(ray_cluster, released_server, "--input", str(FIELDS), "--output", str(output), "--finder", finder,
+                         "--keep-border-cells")
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[finder] = output
     annotations = load_annotations(ANNOTATIONS)
     for finder, output in results.items():
         report = json.loads((output / "run.json").read_text())

@@ -1,4 +1,6 @@
-"""Scale-out and faults on a real local cluster: a head and two worker nodes, two Triton servers.
+"""Scale-out and faults on a real local cluster: the session's head and two worker nodes, two Triton
+servers (the session's released server and one of this module's). What a test kills is its own: a
+server it started, a node it added, a worker process of its own job.
 
 Every fault run must end with each slide once, each cell once, and the same results as a clean run.
 """
@@ -18,7 +20,7 @@ import pytest
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import EmbeddedServer
 from tests.cluster import LocalCluster
-from tests.conftest import check_consistent, fixture_copies
+from tests.conftest import RELEASED_RUNTIME, check_consistent, fixture_copies
 
 pytestmark = pytest.mark.slow
 COPIES = 4  # 3 fixture fields x 4 = 12 slides: long enough to interrupt, short enough for CI
@@ -26,15 +28,14 @@ INTERRUPTED_COPIES = 8  # 24 slides for the interrupted driver: at most 2 a CPU 
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(workers=2) as running:
-        yield running
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
-def servers():
-    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as first, EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as second:
-        yield first, second
+def servers(released_server):
+    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1, runtime=RELEASED_RUNTIME) as second:
+        yield released_server, second
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_node_local_server_first(cluster, servers, slides, tmp_path):
     """{node}:PORT with first-up: every request goes to the server on the worker's own node."""
     (address,) = set(cluster.node_addresses())  # one machine: every node has the same address
     output = tmp_path / "out"
-    with EmbeddedServer(DEFAULT_REPOSITORY, host=address, threads=1) as local:
+    with EmbeddedServer(DEFAULT_REPOSITORY, host=address, threads=1, runtime=RELEASED_RUNTIME) as local:
         report = run_job(cluster, slides, output, [f"{{node}}:{local.grpc_port}", servers[1].grpc_url],
                          "--triton-policy", "first-up")
     requests = report["triton_requests"]
@@ -116,7 +117,7 @@ def test_node_local_server_first(cluster, servers, slides, tmp_path):
 
 def test_one_of_two_triton_servers_killed_mid_run(cluster, servers, slides, clean, tmp_path):
     output = tmp_path / "out"
-    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as doomed:
+    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1, runtime=RELEASED_RUNTIME) as doomed:
         job = start_job(cluster, slides, output, [doomed.grpc_url, servers[1].grpc_url])
         wait_for_parts(output, 2, job)
         doomed.kill()

@@ -239,6 +239,24 @@ def test_server_exits_when_its_launcher_is_killed(repository):
             os.killpg(server_pid, signal.SIGKILL)
 
 
+def test_a_server_killed_alone_is_cleaned_up_by_the_next_start(repository):
+    """`smearscope serve` SIGKILLed by itself (the OOM killer's way): its Triton, stubs and shared memory
+    outlive it, and the next server to start on the machine removes them and says so."""
+    from deploy.leftovers import orphans
+
+    killed = EmbeddedServer(repository, names=(MODEL_NAME,), runtime="onnxruntime").start()
+    pid = killed.process.pid
+    os.kill(pid, signal.SIGKILL)
+    killed.process.wait()
+    left = orphans()
+    assert left.live_processes() and list(Path("/dev/shm").glob(f"pytrtion{pid}-*")), "the premise: leftovers"
+    with EmbeddedServer(repository, names=(MODEL_NAME,), runtime="onnxruntime") as next_one:
+        assert "removed what killed servers left" in Path(next_one.log.name).read_text()
+        assert not _group_alive(pid) and not list(Path("/dev/shm").glob(f"pytrtion{pid}-*"))
+        assert not left.live_processes() and not left.present_segments()
+    killed.stop()  # nothing left of it: only its log
+
+
 def test_busy_port_and_missing_model_are_one_line_errors(repository, tmp_path):
     import socket
 
@@ -349,7 +367,7 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
           f"{peak:.0f} MiB peak")
 
 
-def test_openvino_serves_both_contracts_with_onnx_runtimes_calls_and_cells(crops):
+def test_openvino_serves_both_contracts_with_onnx_runtimes_calls_and_cells(released_server, crops):
     """`--runtime openvino`: the classifier's own OpenVINO INT8 model, answering as it does in process
     and with ONNX Runtime's calls; the detector's cells as ONNX Runtime's."""
     import tritonclient.grpc as grpcclient
@@ -367,14 +385,14 @@ def test_openvino_serves_both_contracts_with_onnx_runtimes_calls_and_cells(crops
                           output_name=DETECTOR_OUTPUT)(small[None])[0]
     expected = OnnxModel(served_onnx(DEFAULT_REPOSITORY, MODEL_NAME))(crops)
     in_process = OpenVinoModel(openvino_model(DEFAULT_REPOSITORY, MODEL_NAME))(crops)
-    with EmbeddedServer(DEFAULT_REPOSITORY, runtime="openvino") as running:
-        assert f"{MODEL_NAME} ({openvino_model(DEFAULT_REPOSITORY, MODEL_NAME)}, openvino)" in Path(running.log.name).read_text()
-        probabilities = classify(ClientOptions((running.grpc_url,), batch_size=16), crops)
-        client = grpcclient.InferenceServerClient(running.grpc_url)
-        request = grpcclient.InferInput(DETECTOR_INPUT, [1, *small.shape], "UINT8")
-        request.set_data_from_numpy(small[None])
-        maps = client.infer(DETECTOR_NAME, [request]).as_numpy(DETECTOR_OUTPUT)[0]
-        client.close()
+    running = released_server  # --runtime openvino
+    assert f"{MODEL_NAME} ({openvino_model(DEFAULT_REPOSITORY, MODEL_NAME)}, openvino)" in Path(running.log.name).read_text()
+    probabilities = classify(ClientOptions((running.grpc_url,), batch_size=16), crops)
+    client = grpcclient.InferenceServerClient(running.grpc_url)
+    request = grpcclient.InferInput(DETECTOR_INPUT, [1, *small.shape], "UINT8")
+    request.set_data_from_numpy(small[None])
+    maps = client.infer(DETECTOR_NAME, [request]).as_numpy(DETECTOR_OUTPUT)[0]
+    client.close()
     threshold = read_decision(DEFAULT_REPOSITORY / MODEL_NAME).threshold
     assert np.abs(probabilities - in_process).max() < 1e-3  # served in streams as in one request
     assert np.mean((probabilities[:, 0] >= threshold) == (expected[:, 0] >= threshold)) >= 0.97

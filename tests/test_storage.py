@@ -16,18 +16,8 @@ from batch import storage
 from batch.inputs import DEFAULT_MAX_BYTES, expand, iter_slides, read_slide
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import EmbeddedServer
-from tests.cluster import LocalCluster
-from tests.conftest import FIXTURES, check_consistent, fixture_copies
+from tests.conftest import BUCKET, FIXTURES, RELEASED_RUNTIME, check_consistent, fixture_copies, shared_run
 from tests.s3 import S3Server, aws_env
-
-BUCKET = "lab"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
 
 
 @pytest.fixture
@@ -132,7 +122,7 @@ def _run(s3: S3Server, inputs: list[str], output: str, *extra: str, env: dict | 
 
 
 @pytest.mark.slow
-def test_a_run_from_and_to_s3_equals_the_same_run_on_local_files(s3, tmp_path):
+def test_a_run_from_and_to_s3_equals_the_same_run_on_local_files(s3, ray_cluster, released_server, tmp_path):
     local = tmp_path / "inputs"
     fixture_copies(local / "fields", 1)
     _zip_with_filler(local / "archives" / "fields.zip")
@@ -142,9 +132,12 @@ def test_a_run_from_and_to_s3_equals_the_same_run_on_local_files(s3, tmp_path):
     s3.upload(BUCKET, local, "inputs")
     limit = ["--max-bytes", str(2 << 20)]
 
-    remote = _run(s3, [f"s3://{BUCKET}/inputs/"], f"s3://{BUCKET}/runs/one", *limit)
+    def run(inputs: str, output: str) -> subprocess.CompletedProcess:
+        return shared_run(ray_cluster, released_server, "--input", inputs, "--output", output, *limit)
+
+    remote = run(f"s3://{BUCKET}/inputs/", f"s3://{BUCKET}/runs/one")
     assert remote.returncode == 0, remote.stdout[-2000:] + remote.stderr[-3000:]
-    on_disk = _run(s3, [str(local)], str(tmp_path / "local"), *limit)
+    on_disk = run(str(local), str(tmp_path / "local"))
     assert on_disk.returncode == 0, on_disk.stderr[-3000:]
 
     downloaded = s3.download(BUCKET, "runs/one", tmp_path / "downloaded")
@@ -159,7 +152,7 @@ def test_a_run_from_and_to_s3_equals_the_same_run_on_local_files(s3, tmp_path):
         assert s3.env["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in (downloaded / "run.json").read_text()
 
-    again = _run(s3, [f"s3://{BUCKET}/inputs/"], f"s3://{BUCKET}/runs/one", *limit)  # resumes: every field done
+    again = run(f"s3://{BUCKET}/inputs/", f"s3://{BUCKET}/runs/one")  # resumes: every field done
     assert again.returncode == 0 and json.loads(storage_text(s3, "runs/one/run.json"))["fields_skipped_as_finished"] == 7
 
 
@@ -184,12 +177,20 @@ def test_bad_locations_stop_a_run_at_once_in_one_line(s3):
 
 
 @pytest.mark.slow
-def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(s3, tmp_path):
+def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(released_server, tmp_path):
+    """A store of its own, which it stops, and a Ray of the job's own, whose workers see that store."""
+    with S3Server() as s3:
+        s3.client().create_bucket(Bucket=BUCKET)
+        _stop_the_store_mid_run(s3, released_server, tmp_path)
+
+
+def _stop_the_store_mid_run(s3: S3Server, server: EmbeddedServer, tmp_path: Path) -> None:
     folder = fixture_copies(tmp_path / "fields", 6)
     s3.upload(BUCKET, folder, "stopping")
     output = f"s3://{BUCKET}/runs/stopping"
+    triton = ["--triton-url", server.grpc_url]
     job = subprocess.Popen([sys.executable, "-m", "smearscope", "run", "--input", f"s3://{BUCKET}/stopping/",
-                            "--output", output, "--max-pending", "2"], env=aws_env(s3), stdout=subprocess.PIPE,
+                            "--output", output, "--max-pending", "2", *triton], env=aws_env(s3), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while len(s3.keys(BUCKET, "runs/stopping/parts/")) < 2:
@@ -204,7 +205,7 @@ def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(s3,
     assert job.returncode == 1 and 2 <= done < 18, log[-3000:]  # the premise: stopped with fields still to do
     assert "storage unavailable after" in log
 
-    rerun = _run(s3, [f"s3://{BUCKET}/stopping/"], output)
+    rerun = _run(s3, [f"s3://{BUCKET}/stopping/"], output, *triton)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     report = json.loads(storage_text(s3, "runs/stopping/run.json"))
     assert report["fields_skipped_as_finished"] == done and report["fields_processed_this_run"] == 18 - done
@@ -212,13 +213,14 @@ def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(s3,
 
 
 @pytest.mark.slow
-def test_three_nodes_sharing_no_folder_read_and_write_s3_with_a_triton_killed(s3, tmp_path):
+def test_three_nodes_sharing_no_folder_read_and_write_s3_with_a_triton_killed(s3, ray_cluster, released_server, tmp_path):
     """Input and output in the bucket, each node in its own folder: the same cells as a run on local
-    files, each field once, though one of the two servers is killed mid-run."""
+    files, each field once, though one of the two servers (this test's own) is killed mid-run."""
     folder = fixture_copies(tmp_path / "fields", 4)
     s3.upload(BUCKET, folder, "cluster")
-    with LocalCluster(workers=2, env=s3.env, own_dirs=True) as cluster, \
-            EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as kept, EmbeddedServer(DEFAULT_REPOSITORY, threads=1) as doomed:
+    cluster, kept = ray_cluster, released_server
+    before = {p for node in cluster.node_dirs for p in node.rglob("*") if p.is_file()}
+    with EmbeddedServer(DEFAULT_REPOSITORY, threads=1, runtime=RELEASED_RUNTIME) as doomed:
         def command(inputs: str, output: str, urls: list[str]) -> list[str]:
             return [sys.executable, "-m", "smearscope", "run", "--input", inputs, "--output", output,
                     "--ray-address", cluster.address, "--triton-url", *urls]
@@ -238,7 +240,7 @@ def test_three_nodes_sharing_no_folder_read_and_write_s3_with_a_triton_killed(s3
         doomed.kill()
         log, _ = job.communicate(timeout=900)
         assert job.returncode == 0, log[-3000:]
-        node_files = [p for node in cluster.node_dirs for p in node.rglob("*") if p.is_file()]
+        node_files = {p for node in cluster.node_dirs for p in node.rglob("*") if p.is_file()} - before
     downloaded = s3.download(BUCKET, "runs/cluster", tmp_path / "downloaded")
     assert _rows(downloaded) == _rows(tmp_path / "local") and len(_rows(downloaded)) == 12
     report = json.loads((downloaded / "run.json").read_text())

@@ -24,22 +24,21 @@ from cells.decision import CALLS
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.server import free_port
 from tests.cluster import stop_group
-from tests.conftest import FIXTURES, run_cli, sigint_ignored
+from tests.conftest import FIXTURES, shared_run, sigint_ignored
 
 pytestmark = pytest.mark.slow
 FIELD = FIXTURES / "smears" / "PA171691.JPG"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
 MAX_UPLOAD_MIB = 4
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def start_web(spool: Path) -> tuple[subprocess.Popen, str]:
+def start_web(spool: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """`smearscope web` on a free loopback port, started as from a script (SIGINT ignored), with TMPDIR `spool`."""
     port = free_port()
     with sigint_ignored():
         process = subprocess.Popen(
             [sys.executable, "-m", "smearscope", "web", "--port", str(port), "--repository", str(DEFAULT_REPOSITORY),
-             "--max-upload-mib", str(MAX_UPLOAD_MIB)],
+             "--max-upload-mib", str(MAX_UPLOAD_MIB), *extra],
             env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )
@@ -58,10 +57,10 @@ def start_web(spool: Path) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    """The page's server; its TMPDIR watched for anything an upload leaves behind."""
+def web(tmp_path_factory, released_server):
+    """The page's server on the session's Triton; its TMPDIR watched for anything an upload leaves behind."""
     spool = tmp_path_factory.mktemp("spool")
-    process, url = start_web(spool)
+    process, url = start_web(spool, "--triton-url", released_server.grpc_url)
     yield url, spool
     stop_group(process)
 
@@ -95,10 +94,10 @@ def test_a_field_gives_cells_and_counts_in_the_batch_job_s_columns(web):
     assert "/api/fields" in schema["paths"] and "/api/health" in schema["paths"]
 
 
-def test_the_page_and_the_batch_job_agree_on_a_field(web, tmp_path):
+def test_the_page_and_the_batch_job_agree_on_a_field(web, ray_cluster, released_server, tmp_path):
     url, _ = web
     api = upload(url, FIELD.name, FIELD.read_bytes()).json()
-    result = run_cli("run", "--input", str(FIELD), "--output", str(tmp_path / "out"), timeout=600)
+    result = shared_run(ray_cluster, released_server, "--input", str(FIELD), "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-2000:]
     batch = pq.read_table(tmp_path / "out" / "cells.parquet").to_pylist()
     slide = pq.read_table(tmp_path / "out" / "fields.parquet").to_pylist()[0]
@@ -181,12 +180,12 @@ def test_two_concurrent_uploads_are_both_served_and_health_answers_meanwhile(web
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: `make test` installs Debian's chromium where apt can run")
-def test_the_page_in_a_real_browser(web, tmp_path):
+def test_the_page_in_a_real_browser(web, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     url, _ = web
     api = upload(url, FIELD.name, FIELD.read_bytes()).json()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    artifacts = tmp_path_factory.mktemp("web-page")  # screenshots to look at: pytest keeps its last three sessions
     flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync"]
     with sync_playwright() as playwright:
@@ -222,7 +221,7 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         assert page.get_attribute(".field-svg", "viewBox") != whole
         page.keyboard.press("0")
         assert page.get_attribute(".field-svg", "viewBox") == whole
-        page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "web-page.png"), full_page=True)
         with page.expect_download() as download:
             page.locator("#download-cells").click()
         rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
@@ -238,12 +237,13 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         visible = page.locator(".field-svg rect.Uninfected").first.is_visible()
         assert not visible
         page.set_viewport_size({"width": 820, "height": 1180})  # a tablet, portrait
-        page.screenshot(path=str(ARTIFACTS / "web-page-tablet.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "web-page-tablet.png"), full_page=True)
         browser.close()
-    print(f"upload to result in the browser: {seconds:.2f} s")
+    print(f"upload to result in the browser: {seconds:.2f} s; screenshots in {artifacts}")
 
 
 def test_sigterm_answers_the_upload_in_flight_and_stops_everything(tmp_path):
+    """Its own embedded Triton: the page stops it too."""
     process, url = start_web(tmp_path)
     answers = []
     in_flight = threading.Thread(target=lambda: answers.append(upload(url, FIELD.name, FIELD.read_bytes())))

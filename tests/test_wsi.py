@@ -3,8 +3,6 @@ by tile through the batch job; every annotated cell found once, none twice at a 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from batch.wsi import TILE, open_slide, read_region, smear_tiles
 from cells.detection_eval import iou_matrix, load_annotations, load_rgb, score_field
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, shared_run
 
 pytestmark = pytest.mark.slow
 SIDE = 20_480  # 419 MP: far too large to decode whole (1.2 GB as RGB)
@@ -96,13 +94,12 @@ def _peak_worker_rss(stop: threading.Event, peak: list[float]) -> None:
         time.sleep(0.2)
 
 
-def test_every_annotated_cell_is_found_once_in_the_whole_slide(slide, tmp_path):
+def test_every_annotated_cell_is_found_once_in_the_whole_slide(slide, ray_cluster, released_server, tmp_path):
     output = tmp_path / "out"
     peak, stop = [0.0], threading.Event()
     sampler = threading.Thread(target=_peak_worker_rss, args=(stop, peak), daemon=True)
     sampler.start()
-    run = subprocess.run([sys.executable, "-m", "smearscope", "run", "--input", str(slide), "--output", str(output),
-                          "--overlays"], capture_output=True, text=True, timeout=900)
+    run = shared_run(ray_cluster, released_server, "--input", str(slide), "--output", str(output), "--overlays")
     stop.set()
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads((output / "run.json").read_text())
