@@ -80,14 +80,18 @@ class LocalCluster:
         )
 
     def start(self) -> "LocalCluster":
-        self.head = self._start(["--head", "--port", str(self.port), "--temp-dir", self.temp,
-                                 "--include-dashboard", str(self.dashboard).lower(), "--dashboard-host", "127.0.0.1",
-                                 "--dashboard-port", str(self.dashboard_port)])
-        self.wait_for_nodes(1)
-        self.nodes = [self._start(["--address", self.address]) for _ in range(self.workers)]
-        self.wait_for_nodes(1 + self.workers)
-        if self.dashboard:
-            self._wait_http(f"{self.dashboard_url}/api/version", 120)
+        try:
+            self.head = self._start(["--head", "--port", str(self.port), "--temp-dir", self.temp,
+                                     "--include-dashboard", str(self.dashboard).lower(), "--dashboard-host", "127.0.0.1",
+                                     "--dashboard-port", str(self.dashboard_port)])
+            self.wait_for_nodes(1)
+            for _ in range(self.workers):  # one at a time: two nodes joining at once can leave one out
+                self.add_node()
+            if self.dashboard:
+                self._wait_http(f"{self.dashboard_url}/api/version", 120)
+        except BaseException:
+            self.stop()  # `with` calls no __exit__ when __enter__ fails: nothing of it may outlive the failure
+            raise
         return self
 
     def add_node(self) -> subprocess.Popen:

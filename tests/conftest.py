@@ -2,17 +2,18 @@
 the whole session shares.
 
 Shared for the session (started when a test first asks, stopped at its end). No test stops, kills,
-signals or reconfigures one of them: a test that does (a killed server, a stopped store, a node
-that dies, a server with another config) starts its own beside them.
+signals or reconfigures one of them: a test that does (a killed server, a node that dies, a server
+with another config) starts its own beside them. One exception: test_storage.py's stopping store
+stops `s3` and starts it again on the same port, since moto keeps every in-process server's buckets
+in one place (a store of its own would be the same store).
 - `server`: Triton on `repository` (the untrained export beside the released detector), ONNX Runtime.
 - `released_server`: Triton on model_repository/ (the released models), OpenVINO.
 - `s3`: moto's S3 server with signatures checked, bucket `BUCKET`.
 - `ray_cluster`: a head (with its dashboard, for `ray job submit`) and two worker nodes of one CPU,
   each in a folder of its own, with `s3`'s credentials: nodes that share no disk.
 `shared_run()` runs `smearscope run` on them (`--ray-address`, `--triton-url`). The embedded start
-(its own Ray and Triton) is what `test_batch_job.py::embedded_run`, `test_web.py`'s SIGTERM test,
-`test_storage.py`'s stopping store, `test_bench.py` and `test_serve.py`'s signal tests exercise;
-everything else uses the shared ones.
+(a run's own Ray and Triton) is what `test_batch_job.py::embedded_run`, `test_web.py`'s SIGTERM test
+and the benchmarks of `test_bench.py` and `test_storage.py` exercise; everything else uses the shared ones.
 
 Nothing is left behind: `nothing_left_behind` marks every process the suite starts (through its
 environment), points TMPDIR into pytest's own folder, and fails the session, naming them, if a

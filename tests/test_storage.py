@@ -177,20 +177,15 @@ def test_bad_locations_stop_a_run_at_once_in_one_line(s3):
 
 
 @pytest.mark.slow
-def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(released_server, tmp_path):
-    """A store of its own, which it stops, and a Ray of the job's own, whose workers see that store."""
-    with S3Server() as s3:
-        s3.client().create_bucket(Bucket=BUCKET)
-        _stop_the_store_mid_run(s3, released_server, tmp_path)
-
-
-def _stop_the_store_mid_run(s3: S3Server, server: EmbeddedServer, tmp_path: Path) -> None:
+def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(s3, ray_cluster, released_server, tmp_path):
+    """The session's store stopped mid-run and started again (moto keeps its buckets in this process,
+    so a store of the test's own would be the same store): the one test that stops a shared server."""
     folder = fixture_copies(tmp_path / "fields", 6)
     s3.upload(BUCKET, folder, "stopping")
     output = f"s3://{BUCKET}/runs/stopping"
-    triton = ["--triton-url", server.grpc_url]
     job = subprocess.Popen([sys.executable, "-m", "smearscope", "run", "--input", f"s3://{BUCKET}/stopping/",
-                            "--output", output, "--max-pending", "2", *triton], env=aws_env(s3), stdout=subprocess.PIPE,
+                            "--output", output, "--max-pending", "2", "--ray-address", ray_cluster.address,
+                            "--triton-url", released_server.grpc_url], env=ray_cluster.env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while len(s3.keys(BUCKET, "runs/stopping/parts/")) < 2:
@@ -205,7 +200,7 @@ def _stop_the_store_mid_run(s3: S3Server, server: EmbeddedServer, tmp_path: Path
     assert job.returncode == 1 and 2 <= done < 18, log[-3000:]  # the premise: stopped with fields still to do
     assert "storage unavailable after" in log
 
-    rerun = _run(s3, [f"s3://{BUCKET}/stopping/"], output, *triton)
+    rerun = shared_run(ray_cluster, released_server, "--input", f"s3://{BUCKET}/stopping/", "--output", output)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     report = json.loads(storage_text(s3, "runs/stopping/run.json"))
     assert report["fields_skipped_as_finished"] == done and report["fields_processed_this_run"] == 18 - done

@@ -67,14 +67,15 @@ def test_dry_run_prints_parameter_count():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (("train", "--data", "/nonexistent", "--out", "/tmp/x"), "data folder not found"),
+        (("train", "--data", "/nonexistent", "--out", "OUT"), "data folder not found"),
         (("evaluate", "--model", "/nonexistent.keras", "--data", "."), "model not found"),
         (("data", "stats", "--data", "/nonexistent"), "data folder not found"),
     ],
 )
-def test_bad_input_gives_one_line_and_nonzero_exit(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
+def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(*[str(out) if arg == "OUT" else arg for arg in args])
+    assert result.returncode != 0 and not out.exists()  # refused before anything is written
     lines = [line for line in result.stderr.splitlines() if line.startswith("smearscope")]
     assert len(lines) == 1 and message in lines[0]
     assert "Traceback" not in result.stderr

@@ -44,11 +44,11 @@ def make_dataset(cells: CellSet, config: TrainConfig, training: bool) -> tf.data
 
 def train(config: TrainConfig) -> dict:
     """Train, checkpoint each epoch, keep the best by validation loss, write every artifact."""
+    samples = list_samples(config.data)  # bad data is refused before anything is written
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
-    samples = list_samples(config.data)
     train_samples, val_samples, split_info = split_samples(samples, config.split, config.val_fraction, config.seed)
     started = time.monotonic()
     train_cells, val_cells = load_cells(train_samples), load_cells(val_samples)
