@@ -32,6 +32,13 @@ from cells.errors import UserError
 
 S3 = "s3://"
 ATTEMPTS = 6  # per S3 request: the AWS standard retry strategy's exponential back-off, ~1 s to ~20 s in all
+
+
+def attempts() -> int:
+    """Tries per S3 request: AWS_MAX_ATTEMPTS, the AWS SDKs' own setting, where it is set; else ATTEMPTS."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else ATTEMPTS
+
 CONNECT_TIMEOUT_S = 5
 REQUEST_TIMEOUT_S = 60
 STREAM_BUFFER = 8 << 20
@@ -91,7 +98,7 @@ def _s3():
         where = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return fs.S3FileSystem(region=region, connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-                           retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS), **where)
+                           retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=attempts()), **where)
 
 
 def resolve(location: Location):
@@ -110,7 +117,7 @@ def _refused(error: OSError, location: str) -> StorageError:
     if isinstance(error, FileNotFoundError):
         return StorageError(location, "not found")
     if any(marker in message for marker in _UNAVAILABLE):
-        return StorageUnavailable(location, f"storage unavailable after {ATTEMPTS} attempts "
+        return StorageUnavailable(location, f"storage unavailable after {attempts()} attempts "
                                             f"({message.rsplit(': ', 1)[-1][:80]})")
     reason = next((text for code, text in _REFUSED.items() if code in message), None)
     return StorageError(location, reason or message.splitlines()[0][:160])

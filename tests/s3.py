@@ -58,8 +58,9 @@ class S3Server:
         iam.put_user_policy(UserName="lab", PolicyName="s3", PolicyDocument=json.dumps(ALLOW_S3))
         key = iam.create_access_key(UserName="lab")["AccessKey"]
         moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is checked
+        # AWS_MAX_ATTEMPTS: a store on loopback that stops answering is given up on in a second or two, not 20 s.
         self.env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-                    "AWS_ENDPOINT_URL": self.url, "AWS_REGION": REGION}
+                    "AWS_ENDPOINT_URL": self.url, "AWS_REGION": REGION, "AWS_MAX_ATTEMPTS": "2"}
         return self
 
     def __exit__(self, *_: object) -> None:

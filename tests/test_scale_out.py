@@ -23,8 +23,7 @@ from tests.cluster import LocalCluster
 from tests.conftest import RELEASED_RUNTIME, check_consistent, fixture_copies
 
 pytestmark = pytest.mark.slow
-COPIES = 4  # 3 fixture fields x 4 = 12 slides: long enough to interrupt, short enough for CI
-INTERRUPTED_COPIES = 8  # 24 slides for the interrupted driver: at most 2 a CPU are in flight
+COPIES = 4  # 3 fixture fields x 4 = 12 slides: at most 6 in flight (2 a CPU), so a run stopped after 2 is mid-way
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +103,13 @@ def test_a_clean_run_spreads_over_three_nodes_and_two_servers(clean, servers):
     print(f"three-node run: {json.dumps({k: report[k] for k in ('nodes', 'triton_requests', 'driver_cpu_ms_per_cell', 'driver_bytes_per_cell', 'cells_per_second')})}")
 
 
-def test_node_local_server_first(cluster, servers, slides, tmp_path):
+def test_node_local_server_first(cluster, servers, tmp_path):
     """{node}:PORT with first-up: every request goes to the server on the worker's own node."""
     (address,) = set(cluster.node_addresses())  # one machine: every node has the same address
     output = tmp_path / "out"
     with EmbeddedServer(DEFAULT_REPOSITORY, host=address, threads=1, runtime=RELEASED_RUNTIME) as local:
-        report = run_job(cluster, slides, output, [f"{{node}}:{local.grpc_port}", servers[1].grpc_url],
-                         "--triton-policy", "first-up")
+        report = run_job(cluster, fixture_copies(tmp_path / "slides", 1), output,
+                         [f"{{node}}:{local.grpc_port}", servers[1].grpc_url], "--triton-policy", "first-up")
     requests = report["triton_requests"]
     assert list(requests) == [local.grpc_url] and requests[local.grpc_url]["failed"] == 0
 
@@ -151,21 +150,15 @@ def test_a_killed_worker_node_has_its_slides_retried_elsewhere(cluster, servers,
     assert by_slide(output) == clean[2]
 
 
-@pytest.fixture(scope="module")
-def many_slides(tmp_path_factory) -> Path:
-    """Twice the clean run's slides: far more than are in flight when the driver is signalled."""
-    return fixture_copies(tmp_path_factory.mktemp("many"), INTERRUPTED_COPIES)
-
-
 @pytest.mark.parametrize("signum,sigint", [(signal.SIGINT, "ignored"), (signal.SIGINT, "default"),
                                            (signal.SIGTERM, "default"), (signal.SIGKILL, "default")])
-def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, many_slides, clean, tmp_path, signum, sigint):
+def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, slides, clean, tmp_path, signum, sigint):
     """SIGINT or SIGTERM, with SIGINT inherited ignored (`cmd &` in a script, nohup, CI) or not: the
     driver abandons the slides in flight, says how far it got and exits 130/143, leaving only whole
     parts and no tables; SIGKILL leaves whole parts too. The rerun finishes the rest, equal to a clean run."""
     output = tmp_path / "out"
     disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
-    job = subprocess.Popen(command(cluster, many_slides, output, [servers[0].grpc_url]), env=cluster.env,
+    job = subprocess.Popen(command(cluster, slides, output, [servers[0].grpc_url]), env=cluster.env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     wait_for_parts(output, 2, job)
@@ -174,7 +167,7 @@ def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, many_
     printed, _ = job.communicate(timeout=120)
     seconds = time.monotonic() - started
     finished = len(list((output / "parts").glob("*.parquet")))
-    total = 3 * INTERRUPTED_COPIES
+    total = 3 * COPIES
     assert 2 <= finished < total, "the run was not interrupted mid-way"
     assert not list((output / "parts").glob(".tmp-*")) and not (output / "cells.parquet").exists()
     assert not (output / "run.json").exists()
@@ -184,7 +177,7 @@ def test_an_interrupted_driver_stops_at_once_and_resumes(cluster, servers, many_
         assert said and 2 <= int(said.group(1)) <= finished, printed[-2000:]  # a worker may finish a part after
         print(f"{signal.Signals(signum).name} (SIGINT {sigint}) to exit: {seconds:.2f} s, {finished} of {total} done")
         assert seconds < 60, "the driver did not stop promptly"
-    report = run_job(cluster, many_slides, output, [servers[0].grpc_url])
+    report = run_job(cluster, slides, output, [servers[0].grpc_url])
     # Every field either found finished or processed now, once; a worker of the stopped run that
     # finished its field after the count above only adds a part the rerun then skips.
     assert report["fields_skipped_as_finished"] >= finished

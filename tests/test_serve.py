@@ -345,9 +345,9 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
         idle = peak
 
         async def one_client(index: int) -> tuple[np.ndarray, int]:
-            options = ClientOptions((running.grpc_url,), batch_size=16, max_in_flight=1, backoff_s=0.05, retries=30)
+            options = ClientOptions((running.grpc_url,), batch_size=4, max_in_flight=1, backoff_s=0.05, retries=30)
             async with TritonModel(options) as classifier:
-                return await classifier.classify(crops[index % 8 : index % 8 + 16]), classifier.retries_done
+                return await classifier.classify(crops[index % 8 : index % 8 + 4]), classifier.retries_done
 
         async def burst():
             nonlocal peak
@@ -360,7 +360,7 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
         answers = asyncio.run(burst())
         assert running.ready()
     for index, (probabilities, _) in enumerate(answers):
-        np.testing.assert_allclose(probabilities, expected[index % 8 : index % 8 + 16], atol=1e-5)
+        np.testing.assert_allclose(probabilities, expected[index % 8 : index % 8 + 4], atol=1e-5)
     retried = sum(retries for _, retries in answers)
     assert retried > 0, "the queue limit never rejected anything"
     print(f"overload: 32 clients, queue 2: {retried} rejections retried; server RSS {idle:.0f} MiB idle, "

@@ -69,6 +69,10 @@ def test_bad_buckets_keys_and_credentials_are_one_line_errors(s3_env, monkeypatc
         storage.size(f"s3://{BUCKET}/missing.jpg")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     storage._s3.cache_clear()
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert storage.attempts() == 3
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "none")
+    assert storage.attempts() == storage.ATTEMPTS
     with pytest.raises(storage.StorageError, match="access denied") as refused:
         storage.kind(f"s3://{BUCKET}/unit/parts/a.txt")
     assert "not-the-secret" not in str(refused.value) and "\n" not in str(refused.value)
@@ -198,7 +202,7 @@ def test_a_store_that_stops_mid_run_loses_fields_and_the_rerun_finishes_them(s3,
         s3.start()
     done = len(s3.keys(BUCKET, "runs/stopping/parts/"))
     assert job.returncode == 1 and 2 <= done < 18, log[-3000:]  # the premise: stopped with fields still to do
-    assert "storage unavailable after" in log
+    assert f"storage unavailable after {s3.env['AWS_MAX_ATTEMPTS']} attempts" in log
 
     rerun = shared_run(ray_cluster, released_server, "--input", f"s3://{BUCKET}/stopping/", "--output", output)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
