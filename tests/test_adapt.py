@@ -11,7 +11,7 @@ from cells.decision import DECISION_FILE, Decision, choose_threshold, read_decis
 from cells.detection_eval import AnnotatedBox, load_annotations, load_rgb
 from cells.errors import BadInput
 from cells.repository import DEFAULT_REPOSITORY, source_onnx
-from tests.conftest import FIXTURES, run_cli
+from tests.conftest import FIXTURES, call_cli
 from train.fields import clip_box, cut_field, label_of, load_field_cells, split_fields
 
 FIELDS = FIXTURES / "smears"
@@ -165,10 +165,10 @@ def test_adapt_runs_resumes_and_writes_its_threshold(tmp_path):
     common = ("adapt", "--data", str(FIXTURES / "cells"), "--fields", str(ANNOTATIONS), "--field-images", str(FIELDS),
               "--out", str(out), "--steps-per-epoch", "2", "--batch-size", "4", "--field-val-fraction", "0.4",
               "--finder", "classical", "--trainable-from", "conv5")
-    first = run_cli(*common, "--epochs", "1", timeout=900)
+    first = call_cli(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((out / "state.json").read_text())["epochs_done"] == 1
-    again = run_cli(*common, "--epochs", "2", "--resume", timeout=900)
+    again = call_cli(*common, "--epochs", "2", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming after epoch 1" in again.stdout
     assert json.loads((out / "state.json").read_text())["epochs_done"] == 2
@@ -183,7 +183,7 @@ def test_adapt_runs_resumes_and_writes_its_threshold(tmp_path):
     assert (out / "model.keras").is_file()
     rows = (out / "val_predictions.csv").read_text().splitlines()
     assert rows[0] == "field,kind,p_parasitized" and len(rows) == 1 + decision.uninfected + decision.infected
-    bad = run_cli("adapt", "--data", str(FIXTURES / "cells"), "--fields", str(ANNOTATIONS), "--field-images",
+    bad = call_cli("adapt", "--data", str(FIXTURES / "cells"), "--fields", str(ANNOTATIONS), "--field-images",
                   str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
     assert bad.returncode == 1 and "no image of" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -16,7 +16,7 @@ from cells.errors import BadInput
 from cells.repository import DEFAULT_REPOSITORY, read_model_config
 from deploy.client import CLASSIFIER, DETECTOR, check_contract
 from export.triton_config import DETECTOR_SERVING, build_config
-from tests.conftest import FIXTURES, run_cli, shared_run
+from tests.conftest import FIXTURES, call_cli, shared_run
 
 FIELDS = FIXTURES / "smears"
 ANNOTATIONS = FIELDS / "annotations.json"
@@ -89,16 +89,16 @@ def test_the_detector_contract_and_its_generated_config():
 def test_train_resume_and_export_a_detector(tmp_path):
     common = ["train-detector", "--fields", str(FIELDS), "--annotations", str(ANNOTATIONS), "--folds", "0",
               "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "64", "--out", str(tmp_path / "run")]
-    first = run_cli(*common, "--epochs", "1")
+    first = call_cli(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-2000:]
-    resumed = run_cli(*common, "--epochs", "2")
+    resumed = call_cli(*common, "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     state = json.loads((tmp_path / "run" / "all" / "state.json").read_text())
     assert [entry["epoch"] for entry in state["history"]] == [1, 2]  # epoch 1 not redone
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["all_fields_training_score"]["fields"] == 3
     repository = tmp_path / "repo"
-    exported = run_cli("export-detector", "--model", str(tmp_path / "run" / "all" / "model.keras"),
+    exported = call_cli("export-detector", "--model", str(tmp_path / "run" / "all" / "model.keras"),
                        "--repository", str(repository))
     assert exported.returncode == 0, exported.stderr[-2000:]
     written = json.loads((repository / DETECTOR_NAME / "export_report.json").read_text())

@@ -10,7 +10,7 @@ from export.parity import check_gate, parity
 from export.tensorrt import EngineProfile, trtexec_command
 from cells.repository import read_model_config
 from export.triton_config import ServingParameters, write_model_config
-from tests.conftest import run_cli
+from tests.conftest import call_cli
 
 
 def _repository_with(tmp_path: Path, filename: str) -> Path:
@@ -136,13 +136,13 @@ def test_build_tensorrt_engine(exported, tmp_path):
 
 
 def test_export_bad_inputs(tmp_path):
-    missing = run_cli("export", "--model", str(tmp_path / "nope.keras"), "--repository", str(tmp_path / "r"))
+    missing = call_cli("export", "--model", str(tmp_path / "nope.keras"), "--repository", str(tmp_path / "r"))
     assert missing.returncode != 0 and "model not found" in missing.stderr
     bogus = tmp_path / "bogus.keras"
     bogus.write_text("not a model")
-    invalid = run_cli("export", "--model", str(bogus), "--repository", str(tmp_path / "r"))
+    invalid = call_cli("export", "--model", str(bogus), "--repository", str(tmp_path / "r"))
     assert invalid.returncode != 0 and "cannot load" in invalid.stderr and "Traceback" not in invalid.stderr
     blocker = tmp_path / "file"
     blocker.write_text("")
-    unwritable = run_cli("export", "--model", str(bogus), "--repository", str(blocker / "repo"))
+    unwritable = call_cli("export", "--model", str(bogus), "--repository", str(blocker / "repo"))
     assert unwritable.returncode != 0 and "not writable" in unwritable.stderr

@@ -24,6 +24,7 @@ from deploy.client import (
     check_contract,
     classify,
 )
+from deploy.embedded import ServeError
 from deploy.server import EmbeddedServer, free_port
 from tests.conftest import run_cli, sigint_ignored
 from train.data import list_samples, load_cells
@@ -148,7 +149,7 @@ def test_contract_mismatch_fails_at_connect(server):
 
 
 def test_client_fails_over_from_a_killed_server(server, repository, crops, expected):
-    with EmbeddedServer(repository, runtime="onnxruntime") as doomed:
+    with EmbeddedServer(repository, names=(MODEL_NAME,), runtime="onnxruntime") as doomed:
         many = np.concatenate([crops] * 20)  # seconds of work on any CPU: the kill lands mid-way
 
         async def run():
@@ -222,8 +223,8 @@ def test_shutdown_is_prompt_and_leaves_no_process_or_shared_memory(repository, c
 def test_server_exits_when_its_launcher_is_killed(repository):
     # As when a batch run is killed with SIGKILL: nothing in the launcher gets to stop the server.
     script = ("import sys, time; from deploy.server import EmbeddedServer; "
-              "print(EmbeddedServer(sys.argv[1]).start().process.pid, flush=True); time.sleep(600)")
-    launcher = subprocess.Popen([sys.executable, "-c", script, str(repository)], stdout=subprocess.PIPE,
+              "print(EmbeddedServer(sys.argv[1], names=(sys.argv[2],)).start().process.pid, flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(repository), MODEL_NAME], stdout=subprocess.PIPE,
                                 text=True, start_new_session=True)
     server_pid = int(launcher.stdout.readline())
     os.killpg(launcher.pid, signal.SIGKILL)
@@ -270,6 +271,10 @@ def test_busy_port_and_missing_model_are_one_line_errors(repository, tmp_path):
     empty = run_cli("serve", "--repository", str(tmp_path), timeout=60)
     assert empty.returncode != 0 and "no model in repository" in empty.stderr
     assert "Traceback" not in busy.stderr + empty.stderr
+    launcher = EmbeddedServer(tmp_path, names=(MODEL_NAME,))  # a launcher's view: the server's own reason
+    with pytest.raises(ServeError, match=f"server exited with code 1: .*no model {MODEL_NAME!r}"):
+        launcher.start()
+    assert not Path(launcher.log.name).exists()  # its log is read for the reason, then removed
 
 
 def _raw_http(url: str, request: bytes, read: bool = True) -> bytes:
@@ -340,7 +345,7 @@ def test_overload_beyond_the_queue_gets_back_off_then_answers(repository, crops,
     small = tmp_path / "repo"
     shutil.copytree(repository, small)
     write_model_config(small, ServingParameters(max_queue_size=2))
-    with EmbeddedServer(small, threads=1, runtime="onnxruntime") as running:
+    with EmbeddedServer(small, names=(MODEL_NAME,), threads=1, runtime="onnxruntime") as running:
         peak = _tree_rss_mib(running.process.pid)
         idle = peak
 

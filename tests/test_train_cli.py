@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import call_cli
 
 ARTIFACTS = ("model.keras", "history.csv", "curves.png", "confusion.png", "metrics.json", "split.json", "labels.txt")
 
@@ -11,7 +11,7 @@ ARTIFACTS = ("model.keras", "history.csv", "curves.png", "confusion.png", "metri
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cells_dir):
     out = tmp_path_factory.mktemp("run")
-    result = run_cli(
+    result = call_cli(
         "train", "--data", str(cells_dir), "--out", str(out), "--epochs", "2",
         "--steps-per-epoch", "2", "--batch-size", "8", "--rotation", "180", "--channel-gain", "0.25", "--desaturate", "0.8",
     )
@@ -39,7 +39,7 @@ def test_training_writes_every_artifact(run_dir):
 
 @pytest.mark.slow
 def test_resume_continues_after_the_last_epoch(run_dir, cells_dir):
-    result = run_cli(
+    result = call_cli(
         "train", "--data", str(cells_dir), "--out", str(run_dir), "--epochs", "3",
         "--steps-per-epoch", "1", "--batch-size", "8", "--resume",
     )
@@ -51,7 +51,7 @@ def test_resume_continues_after_the_last_epoch(run_dir, cells_dir):
 
 @pytest.mark.slow
 def test_evaluate_keras_model(run_dir, cells_dir, tmp_path):
-    result = run_cli("evaluate", "--model", str(run_dir / "model.keras"), "--data", str(cells_dir), "--out", str(tmp_path))
+    result = call_cli("evaluate", "--model", str(run_dir / "model.keras"), "--data", str(cells_dir), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["images"] == len(list(cells_dir.rglob("*.png")))
@@ -59,7 +59,7 @@ def test_evaluate_keras_model(run_dir, cells_dir, tmp_path):
 
 
 def test_dry_run_prints_parameter_count():
-    result = run_cli("train", "--dry-run")
+    result = call_cli("train", "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "total parameters: 23,827,330" in result.stdout
 
@@ -74,7 +74,7 @@ def test_dry_run_prints_parameter_count():
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path):
     out = tmp_path / "out"
-    result = run_cli(*[str(out) if arg == "OUT" else arg for arg in args])
+    result = call_cli(*[str(out) if arg == "OUT" else arg for arg in args])
     assert result.returncode != 0 and not out.exists()  # refused before anything is written
     lines = [line for line in result.stderr.splitlines() if line.startswith("smearscope")]
     assert len(lines) == 1 and message in lines[0]
@@ -82,11 +82,11 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path):
 
 
 def test_data_stats_and_preview(cells_dir, tmp_path):
-    result = run_cli("data", "stats", "--data", str(cells_dir))
+    result = call_cli("data", "stats", "--data", str(cells_dir))
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert stats["images_per_class"] == {"Parasitized": 24, "Uninfected": 24}
     assert stats["patients"] == 11
     out = tmp_path / "preview.png"
-    assert run_cli("data", "preview", "--data", str(cells_dir), "--out", str(out)).returncode == 0
+    assert call_cli("data", "preview", "--data", str(cells_dir), "--out", str(out)).returncode == 0
     assert out.stat().st_size > 10_000
