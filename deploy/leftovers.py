@@ -2,14 +2,14 @@
 
 `smearscope serve` runs `tritonserver`, which runs a `triton_python_backend_stub` process (and its
 helpers) per model instance. Triton's Python backend keeps a `/dev/shm/pytrtion<pid>-*` region per
-instance, `<pid>` being the `smearscope serve` process, and PyTriton passes tensors in `psm_*`
-segments; PyTriton copies tritonserver into a workspace folder (`~/.cache/pytriton/workspace_*`) and
-the backend each model into a folder of its own (`$TMPDIR/folder*`) and makes an empty
-`/tmp/python_env_*` per tritonserver. A clean stop removes all of them; a server killed with SIGKILL, or one whose stubs outlive
-Triton's exit timeout, cannot. So the server snapshots its process tree before it exits and removes
-what is still there after (`Leftovers.of_tree`), a launcher that kills a server removes what that
-server's process group held (`Leftovers.of_group`), and every server removes at start what killed
-servers left (`orphans`). Only what can be attributed to a server is touched: its processes, the
+instance, `<pid>` being the `smearscope serve` process, and makes an empty `/tmp/python_env_*` per
+tritonserver; PyTriton passes tensors in `psm_*` segments, copies tritonserver into a workspace
+(`~/.cache/pytriton/workspace_*`) and each model into a folder of its own (`$TMPDIR/folder*`). A
+clean stop removes all of them; a server killed with SIGKILL, or one whose stubs outlive Triton's
+exit timeout, cannot. So the server snapshots its process tree before it exits and removes what is
+still there after (`Leftovers.of_tree`), a launcher that kills a server removes what that server's
+process group held (`Leftovers.of_group`), and every server removes at start what servers that no
+longer run left (`orphans`). Only what can be attributed to a server is touched: its processes, the
 segments they map, the folders their command lines name, and the regions named after its pid.
 """
 from __future__ import annotations
@@ -123,7 +123,8 @@ def _regions(server_pid: int) -> set[Path]:
 
 @dataclass
 class Leftovers:
-    """Processes to kill and shared-memory segments to unlink once a server has stopped or been killed."""
+    """Processes to kill, shared-memory segments to unlink and folders to remove once a server has
+    stopped or been killed."""
 
     processes: list[Process] = field(default_factory=list)
     segments: set[Path] = field(default_factory=set)
@@ -188,22 +189,26 @@ class Leftovers:
                 f"{len(folders)} folders")
 
 
-def orphans() -> Leftovers:
-    """What servers that are no longer running left: processes that name a dead server's region in
-    their command line (tritonserver, the stubs) with everything below them, and regions named after
-    a dead server's pid."""
+def orphans(server_pid: int | None = None) -> Leftovers:
+    """What servers that are no longer running (or the one named, once it has exited) left: processes
+    that name a dead server's region in their command line (tritonserver, the stubs) with everything
+    below them, and regions named after a dead server's pid."""
     everyone = running()
     live = {p.pid for p in everyone}
+
+    def left_by(server: int | None) -> bool:
+        return server is not None and server not in live and server_pid in (None, server)
+
     dead: set[int] = set()
     named: list[Process] = []
     for process in everyone:
         server = _server_pid(" ".join(_command(process.pid)))
-        if server is not None and server not in live:
+        if left_by(server):
             dead.add(server)
             named.append(process)
     for region in SHM.glob(f"{REGION_PREFIX}*-*"):
         server = _server_pid(region.name)
-        if server is not None and server not in live:
+        if left_by(server):
             dead.add(server)
     tree = descendants(named, everyone)
     return Leftovers(tree, _mapped_segments(tree), dead, _folders(tree))

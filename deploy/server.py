@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy.embedded import ACCESS_TOKEN_ENV, ServeError, ServeOptions, model_names
-from deploy.leftovers import Leftovers
+from deploy.leftovers import Leftovers, orphans
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,7 +104,7 @@ class EmbeddedServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait (the server stops Triton and removes its own leftovers); kill it if stuck.
-        Whatever of its process group outlived it (a stub) is killed and its regions unlinked."""
+        Whatever of it outlived it (a stub naming its region) is killed and its regions unlinked."""
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -113,7 +113,7 @@ class EmbeddedServer:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        Leftovers.of_group(self.process.pid).remove()
+        orphans(self.process.pid).remove()
         self._remove_log()
 
     def kill(self) -> None:

@@ -50,8 +50,9 @@ def test_a_dead_servers_stub_and_segments_are_removed(names):
     names += [region, segment]
     stub = _stub(region, segment)
     try:
-        found = orphans()
-        assert stub.pid in {p.pid for p in found.processes} and dead in found.server_pids
+        assert stub.pid not in {p.pid for p in orphans(_dead_pid()).processes}  # another server's leftovers only
+        found = orphans(dead)
+        assert stub.pid in {p.pid for p in found.processes} and found.server_pids == {dead}
         assert {SHM / region, SHM / segment} <= found.present_segments()
         said = found.remove()
         assert stub.wait(10) == -signal.SIGKILL
