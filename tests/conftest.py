@@ -18,10 +18,10 @@ and the benchmarks of `test_bench.py` and `test_storage.py` exercise; everything
 Nothing is left behind: `nothing_left_behind` marks every process the suite starts (through its
 environment), points TMPDIR into pytest's own folder, and fails the session, naming them, if a
 marked process, a `/dev/shm` entry or a new file in /tmp or PyTriton's workspace outlives it.
+It assumes one session at a time on the machine: another's files would be counted as this one's.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import secrets
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -114,7 +114,7 @@ def call_cli(*args: str) -> subprocess.CompletedProcess:
     from smearscope.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with redirect_stdout(out), redirect_stderr(err):
         try:
             code = main(list(args))
         except SystemExit as exit:  # argparse's refusals
