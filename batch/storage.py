@@ -32,13 +32,6 @@ from cells.errors import UserError
 
 S3 = "s3://"
 ATTEMPTS = 6  # per S3 request: the AWS standard retry strategy's exponential back-off, ~1 s to ~20 s in all
-
-
-def attempts() -> int:
-    """Tries per S3 request: AWS_MAX_ATTEMPTS, the AWS SDKs' own setting, where it is set; else ATTEMPTS."""
-    value = os.environ.get("AWS_MAX_ATTEMPTS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else ATTEMPTS
-
 CONNECT_TIMEOUT_S = 5
 REQUEST_TIMEOUT_S = 60
 STREAM_BUFFER = 8 << 20
@@ -49,6 +42,12 @@ _REFUSED = {"ACCESS_DENIED": "access denied", "INVALID_ACCESS_KEY_ID": "access d
             "SIGNATURE_DOES_NOT_MATCH": "access denied (wrong secret key)", "NO_SUCH_BUCKET": "bucket not found"}
 
 Location = str | os.PathLike
+
+
+def attempts() -> int:
+    """Tries per S3 request: AWS_MAX_ATTEMPTS, the AWS SDKs' own setting, where it is set; else ATTEMPTS."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else ATTEMPTS
 
 
 class StorageError(UserError, OSError):

@@ -161,9 +161,8 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
     # Models are bound first and Triton started with them all by run(): each loads once, with its full config.
     lifecycle = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=False)
-    left = orphans()
-    if left:
-        print(f"removed what killed servers left: {left.remove()}", flush=True)
+    if removed := orphans().remove():
+        print(f"removed what killed servers left: {removed}", flush=True)
     leftovers = Leftovers()
     try:
         with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
@@ -188,5 +187,5 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
             finally:
                 leftovers = Leftovers.of_tree(os.getpid())  # while the stubs are still our descendants
     finally:
-        if leftovers:  # stubs past Triton's exit timeout, regions it did not unlink
-            print(f"removed after Triton's exit: {leftovers.remove()}", flush=True)
+        if removed := leftovers.remove():  # stubs past Triton's exit timeout, regions it did not unlink
+            print(f"removed after Triton's exit: {removed}", flush=True)

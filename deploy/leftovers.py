@@ -147,10 +147,6 @@ class Leftovers:
         tree = descendants([p for p in everyone if p.pgid == pgid], everyone)
         return cls(tree, _mapped_segments(tree) | _regions(pgid), {pgid}, _folders(tree))
 
-    def __bool__(self) -> bool:
-        return bool(self.live_processes() or self.present_segments() or self.present_folders()
-                    or _stale_backend_folders(running()))
-
     def live_processes(self) -> list[Process]:
         return [p for p in self.processes if p.pid != os.getpid() and _alive(p)]
 
@@ -164,7 +160,8 @@ class Leftovers:
         return segments
 
     def remove(self, wait: float = 10.0) -> str:
-        """SIGKILL what still runs (stubs ignore SIGTERM), then unlink the segments and folders. Returns what was removed."""
+        """SIGKILL what still runs (stubs ignore SIGTERM), then unlink the segments and folders. Returns what
+        was removed, in a line, or "" where there was nothing."""
         processes = self.live_processes()
         for process in processes:
             try:
@@ -185,6 +182,8 @@ class Leftovers:
         folders = self.present_folders() | _stale_backend_folders(running())
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+        if not (processes or segments or folders):
+            return ""
         return (f"{len(processes)} processes, {len(segments)} shared-memory segments ({size / 2**20:.1f} MiB), "
                 f"{len(folders)} folders")
 

@@ -221,11 +221,10 @@ def ray_cluster(s3):
         yield cluster
 
 
-def shared_run(cluster, server, *args: str, env: dict[str, str] | None = None,
-               timeout: float = 900) -> subprocess.CompletedProcess:
+def shared_run(cluster, server, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`smearscope run ARGS` on the shared cluster and server, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "smearscope", "run", *args, "--ray-address", cluster.address,
-                           "--triton-url", server.grpc_url], env=env or cluster.env, capture_output=True, text=True,
+                           "--triton-url", server.grpc_url], env=cluster.env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -25,6 +25,7 @@ from deploy.client import (
     classify,
 )
 from deploy.embedded import ServeError
+from deploy.leftovers import running
 from deploy.server import EmbeddedServer, free_port
 from tests.conftest import run_cli, sigint_ignored
 from train.data import list_samples, load_cells
@@ -170,14 +171,7 @@ def test_client_fails_over_from_a_killed_server(server, repository, crops, expec
 
 def _group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs; zombies waiting for a reaper do not count."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue
-        if int(group) == pgid and state != "Z":
-            return True
-    return False
+    return any(process.pgid == pgid for process in running())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

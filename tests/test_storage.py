@@ -119,10 +119,10 @@ def _rows(output: Path) -> dict[str, tuple]:
             for field in fields}
 
 
-def _run(s3: S3Server, inputs: list[str], output: str, *extra: str, env: dict | None = None,
-         timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smearscope", "run", "--input", *inputs, "--output", output, *extra],
-                          env=env or aws_env(s3), capture_output=True, text=True, timeout=timeout)
+def _run(s3: S3Server, inputs: list[str], output: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A run that must stop before it starts anything (a bad location): no cluster or server needed."""
+    return subprocess.run([sys.executable, "-m", "smearscope", "run", "--input", *inputs, "--output", output],
+                          env=env or aws_env(s3), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
@@ -174,7 +174,7 @@ def test_bad_locations_stop_a_run_at_once_in_one_line(s3):
         ([f"s3://{BUCKET}/inputs/"], f"s3://{BUCKET}/runs/x", wrong, "access denied"),
     ]
     for inputs, output, env, message in cases:
-        result = _run(s3, inputs, output, env=env, timeout=120)
+        result = _run(s3, inputs, output, env=env)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
         assert "not-the-secret" not in result.stderr + result.stdout
