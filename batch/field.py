@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from batch.results import FieldResult, classified, failed
-from batch.slides import DEFAULT_MAX_PIXELS, SlideError, decode_field, find_classical, is_cell_image, slide_cells
-from cells.contract import DETECTOR_CELL_DIAMETER, DETECTOR_NAME
+from fields.slides import (
+    DEFAULT_MAX_PIXELS, SlideError, decode_field, error_from_message, find_classical, is_cell_image, slide_cells,
+)
+from cells.contract import DETECTOR_CELL_DIAMETER, DETECTOR_NAME, FIELD_NAME
 from cells.decision import DEFAULT_THRESHOLD, Decision, read_decision
 from cells.errors import BadInput
 from cells.repository import model_dir
@@ -53,14 +55,20 @@ def decided(settings: FieldSettings, repository: Path, model: str) -> tuple[Fiel
 
 
 async def settings_served(settings: FieldSettings, options: ClientOptions) -> tuple[FieldSettings, str]:
-    """The settings to use with these servers: the learned finder needs the detector served beside
-    the classifier; without it, the classical finder, and the reason (to be reported)."""
-    from deploy.client import DETECTOR, unavailable
+    """The settings to use with these servers: the learned finder needs the field model and the
+    detector (whole-slide tiles) served beside the classifier; without them, the classical finder,
+    and the reason (to be reported)."""
+    from deploy.client import DETECTOR, FIELD, unavailable
 
     if settings.finder != "learned":
         return settings, ""
-    reason = await unavailable(detector_options(options), DETECTOR)
+    reason = await unavailable(field_options(options), FIELD) or await unavailable(detector_options(options), DETECTOR)
     return (replace(settings, finder="classical"), reason) if reason else (settings, "")
+
+
+def field_options(options: ClientOptions) -> ClientOptions:
+    """The classifier's client options, for the field model: its name, one field a request."""
+    return replace(options, model=FIELD_NAME, batch_size=1)
 
 
 def detector_options(options: ClientOptions) -> ClientOptions:
@@ -97,21 +105,44 @@ async def analyse_field(
     keep_image: bool = False,
     tally: RequestTally | None = None,
     detector: TritonModel | None = None,
+    field_model: TritonModel | None = None,
 ) -> AnalysedField:
     """The field's cells classified, or an error row with the one-line reason it cannot be read.
 
-    Cells are found by the classical finder, or with `settings.finder == "learned"` by `detector`
-    (the maps come from Triton, the peaks and regions are computed here). The CPU parts run in a
-    thread, so one process can prepare one field while another is classified. Errors of the servers
-    (unavailable, rejected) are raised: they are not the field's fault.
+    With `field_model` (the learned finder's default), the field's bytes go to the served field
+    model in one request and its cells come back: nothing is decoded here unless `keep_image`.
+    Otherwise cells are found here by the classical finder, or by `detector` (the maps from Triton,
+    the peaks and regions computed here), and their crops sent to `classifier`; the CPU parts run
+    in a thread, so one process can prepare one field while another is classified. Errors of the
+    servers (unavailable, rejected) are raised: they are not the field's fault.
     """
     started = time.monotonic()
+    if field_model is not None:
+        return await _analyse_served(data, field_model, settings, field_id, source, keep_image, tally, started)
     try:
         image = await asyncio.to_thread(decode_field, data, settings.max_pixels)
     except SlideError as error:
         return AnalysedField(failed(field_id, source, str(error)), error=error)
     return await analyse_image(image, classifier, settings, field_id, source, keep_image, tally, detector,
                                started=started)
+
+
+async def _analyse_served(data: bytes, field_model: TritonModel, settings: FieldSettings, field_id: str, source: str,
+                          keep_image: bool, tally: RequestTally | None, started: float) -> AnalysedField:
+    """`analyse_field` through the field model: the bytes out, the cells back."""
+    threshold = DEFAULT_THRESHOLD if settings.threshold is None else settings.threshold
+    options = {"threshold": threshold, "cell_diameter": settings.cell_diameter,
+               "keep_border": settings.keep_border_cells, "stain_normalise": settings.stain_normalise,
+               "max_pixels": settings.max_pixels}
+    cells = await field_model.analyse(data, options, tally)
+    reason = cells["error"][0].decode()
+    if reason:
+        return AnalysedField(failed(field_id, source, reason), error=error_from_message(reason))
+    image = await asyncio.to_thread(decode_field, data, settings.max_pixels) if keep_image else None
+    width, height = (int(v) for v in cells["size"])
+    result = classified(field_id, source, cells["boxes"], cells["areas"], cells["probabilities"], width, height,
+                        time.monotonic() - started, threshold)
+    return AnalysedField(result, image)
 
 
 async def analyse_image(

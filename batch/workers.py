@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from batch import storage
-from batch.field import FieldSettings, detector_options
+from batch.field import FieldSettings, detector_options, field_options
 from batch.inputs import Slide, Unreadable, read_slide
 from batch.overlay import overlay_path
 from batch.results import FieldResult, failed, write_part
 from batch.wsi import Tile, read_region
-from deploy.client import CLASSIFIER, DETECTOR, ClientOptions, RequestTally
+from deploy.client import CLASSIFIER, DETECTOR, FIELD, ClientOptions, RequestTally
 
 WORKER_RETRIES = 2  # a slide whose worker dies this many times more becomes an error row
 NODE_PLACEHOLDER = "{node}"  # in a Triton URL: the address of the node the worker runs on
@@ -110,9 +110,11 @@ async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSe
         return failed(field_id, source, f"unreadable file: {getattr(error, 'strerror', None) or error}"), None
     try:
         classifier = await _connected(options, CLASSIFIER)
-        detector = None
-        if settings.finder == "learned":
+        detector = field_model = None
+        if settings.finder == "learned" and isinstance(work, Tile):
             detector = await _connected(detector_options(options), DETECTOR)
+        elif settings.finder == "learned":
+            field_model = await _connected(field_options(options), FIELD)
         if isinstance(work, Tile):
             left, top = work.read[:2]
             analysed = await analyse_image(data, classifier, settings, field_id, source, tally=outcome.tally,
@@ -120,7 +122,7 @@ async def _analyse(work: Slide | Tile, options: ClientOptions, settings: FieldSe
                                            offset=(left, top))
         else:
             analysed = await analyse_field(data, classifier, settings, field_id, source,
-                                           keep_image=overlays, tally=outcome.tally, detector=detector)
+                                           keep_image=overlays, tally=outcome.tally, field_model=field_model)
     except (InferenceRejected, ServersUnavailable) as error:
         outcome.lost = str(error)
         return None, None

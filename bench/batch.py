@@ -67,7 +67,7 @@ def field_paths(fields: Path, max_fields: int) -> list[Path]:
 def _stage_costs(paths: list[Path], crops_file: Path, finder: str, repository: Path, threads: int) -> dict:
     """Run each stage of the job's per-field work on every field; core-ms per cell of each. The
     learned finder's model runs in-process (ONNX Runtime) here, in Triton in the job."""
-    from batch.slides import decode, find_classical
+    from fields.slides import decode, find_classical
     from cells.detect import onnx_finder
     from cells.find import cell_crops
     from cells.stain import normalise_stain

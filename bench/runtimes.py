@@ -35,7 +35,7 @@ class RuntimeBenchOptions:
 
 def _inputs(paths: list[Path], scratch: Path) -> tuple[Path, Path]:
     """The fields' crops (classical finder: no model in the way) and detector inputs, saved for the children."""
-    from batch.slides import decode, find_classical
+    from fields.slides import decode, find_classical
     from cells.detect import detector_input
     from cells.find import cell_crops
     from cells.stain import normalise_stain

@@ -80,7 +80,7 @@ def detector_graph(path: Path, inputs: np.ndarray, maps: np.ndarray) -> None:
 
 def record_detector(repository: Path, fields: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The real detector's inputs and maps for `fields`, as the batch job would send them."""
-    from batch.slides import decode
+    from fields.slides import decode
     from cells.detect import detector_input
     from cells.repository import served_onnx
     from cells.runtime import OnnxModel

@@ -43,3 +43,21 @@ DETECTOR_MULTIPLE = 16  # the detector downsamples 4 times
 # A typical red cell at the IML fields' magnification, px: fields at other magnifications are
 # rescaled to it (--cell-diameter), for the detector and the classical finder alike.
 DETECTOR_CELL_DIAMETER = 70.0
+
+# The crop graph (export/crop_graph.py): a field's cells cut, masked, resized and stain-normalised in a graph.
+CROPS_NAME = "cell_crops"
+CROPS_INPUTS = ("field", "labels", "windows", "factor", "normalise")  # uint8 [H,W,3], int32 [h,w], int32 [N,4], float32 [1], bool [1]
+CROPS_OUTPUT = "crops"  # uint8 [N, 128, 128, 3]
+
+# The field model: one encoded field in (JPEG, PNG, TIFF as stored), its cells out, in one request.
+FIELD_NAME = "smear_field"
+FIELD_INPUT = "encoded"  # BYTES [1]
+# Optional inputs, each [1]: name -> Triton datatype. A request without them gets the server's defaults.
+FIELD_OPTIONS = {"threshold": "FP32", "cell_diameter": "FP32", "keep_border": "BOOL", "stain_normalise": "BOOL",
+                 "max_pixels": "INT64"}
+# Outputs: boxes INT32 [n,4] (x, y, w, h in the field's px), areas INT32 [n], probabilities FP32 [n,2],
+# calls INT32 [n] (index into CLASSES, by the classifier's decision rule), counts INT32 [2] (per class),
+# size INT32 [2] (width, height), error BYTES [1] (empty, or why the field cannot be read).
+FIELD_OUTPUTS = {"boxes": ("INT32", (-1, 4)), "areas": ("INT32", (-1,)), "probabilities": ("FP32", (-1, 2)),
+                 "calls": ("INT32", (-1,)), "counts": ("INT32", (2,)), "size": ("INT32", (2,)), "error": ("BYTES", (1,))}
+FIELD_MAX_BATCH = 8  # fields a call of the field model takes at once (their crops are classified together)

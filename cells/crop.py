@@ -50,6 +50,17 @@ def crop_cell(image: Image.Image | np.ndarray, size: int = IMAGE_SIZE, out: np.n
     return out
 
 
+def crop_windows(boxes: np.ndarray, pad_fraction: float = 0.05) -> np.ndarray:
+    """The square `cut_cell` cuts around each box (x, y, w, h) [N, 4]: (left, top, side) [N, 3] int32,
+    its side the box's longer side padded by `pad_fraction` of it (at least 2 px) on each side."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    x, y, w, h = boxes.T
+    side = np.maximum(w, h)
+    # np.round rounds half to even, as Python's round() does.
+    side = side + 2 * np.maximum(2, np.round(pad_fraction * side).astype(np.int64))
+    return np.stack([x + w // 2 - side // 2, y + h // 2 - side // 2, side], axis=1).astype(np.int32)
+
+
 def cut_cell(
     field: np.ndarray,
     box: tuple[int, int, int, int],
@@ -64,9 +75,7 @@ def cut_cell(
     NIH training crops show one segmented cell on black; then `crop_cell` resizes it (into `out`).
     """
     x, y, w, h = box
-    side = max(w, h)
-    side += 2 * max(2, round(pad_fraction * side))
-    left, top = x + w // 2 - side // 2, y + h // 2 - side // 2
+    left, top, side = (int(v) for v in crop_windows(np.array([box]), pad_fraction)[0])
     square = np.zeros((side, side, 3), dtype=np.uint8)
     src_x0, src_y0 = max(left, 0), max(top, 0)
     src_x1, src_y1 = min(left + side, field.shape[1]), min(top + side, field.shape[0])

@@ -49,6 +49,14 @@ def detector_input(image: np.ndarray, cell_diameter: float = DETECTOR_CELL_DIAME
 def cells_from_maps(maps: np.ndarray, shape: tuple[int, int], factor: float, keep_border: bool = False,
                     params: MapParams = MapParams()) -> list[Cell]:
     """Cells at full resolution (field `shape`) from maps [h, w, 2] at 1/`factor`."""
+    return labelled_cells(maps, shape, factor, keep_border, params)[0]
+
+
+def labelled_cells(maps: np.ndarray, shape: tuple[int, int], factor: float, keep_border: bool = False,
+                   params: MapParams = MapParams()) -> tuple[list[Cell], np.ndarray, np.ndarray]:
+    """`cells_from_maps`, with the label map the cells' masks are cut from (int32 [h', w'] at
+    1/`factor`, 0 outside every cell) and each cell's label in it (int32 [N]): the crop graph's
+    inputs (export/crop_graph.py)."""
     from scipy import ndimage as ndi
     from skimage.measure import regionprops
     from skimage.segmentation import watershed
@@ -61,14 +69,15 @@ def cells_from_maps(maps: np.ndarray, shape: tuple[int, int], factor: float, kee
     peaks = label_peaks(centre, ndi.label(mask | (centre > params.peak_level))[0],
                         max(1, int(params.peak_distance * diameter)), params.peak_level)
     if not len(peaks):
-        return []
+        return [], np.zeros(centre.shape, np.int32), np.zeros(0, np.int32)
     markers = np.zeros(centre.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-centre, markers, mask=mask | (markers > 0))
+    labels = watershed(-centre, markers, mask=mask | (markers > 0)).astype(np.int32)
     regions = [r for r in regionprops(labels) if r.area >= params.min_area * np.pi * (diameter / 2) ** 2]
     find = FindParams(scale=1, cell_diameter=DETECTOR_CELL_DIAMETER * factor / DETECTOR_SCALE)
-    cells = [region_to_cell(region, shape, find, factor) for region in regions]
-    return [c for c in cells if keep_border or not c.touches_border]
+    cells = [(region_to_cell(region, shape, find, factor), region.label) for region in regions]
+    kept = [(c, label) for c, label in cells if keep_border or not c.touches_border]
+    return [c for c, _ in kept], labels, np.array([label for _, label in kept], np.int32)
 
 
 def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:

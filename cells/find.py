@@ -126,11 +126,11 @@ def cell_crops(image: np.ndarray, cells: list[Cell]) -> np.ndarray:
     _check_rgb(image)
     crops = np.zeros((len(cells), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for cell, crop in zip(cells, crops):
-        cut_cell(image, *_mask_box(cell), out=crop)
+        cut_cell(image, *mask_box(cell), out=crop)
     return crops
 
 
-def _mask_box(cell: Cell) -> tuple[tuple[int, int, int, int], np.ndarray]:
+def mask_box(cell: Cell) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """The box hugging the cell's mask, and the mask cut to it.
 
     Crops are framed on the cell itself, as the NIH training crops are, not on the looser box

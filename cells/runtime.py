@@ -17,19 +17,34 @@ def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], images: np.n
     return np.concatenate(parts) if parts else np.zeros((0, len(CLASSES)), np.float32)
 
 
+def onnx_session(path: Path, threads: int = 0):
+    """An ONNX Runtime CPU session of the model at `path`, on `threads` threads (0: every core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Spinning threads steal the cores that decoding and other servers need on small machines.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxGraph:
+    """A graph of several inputs (the crop graph) run by ONNX Runtime: inputs by name -> its first output."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        self.session = onnx_session(path, threads)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, inputs)[0]
+
+
 class OnnxModel:
     """One input, one output, in chunks of `batch_size`: by default the classifier's contract,
     uint8 crops [N,128,128,3] in, probabilities [N,2] out."""
 
     def __init__(self, path: Path, batch_size: int = 64, threads: int = 0, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # Spinning threads steal the cores that decoding and other servers need on small machines.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads)
         self.batch_size, self.input_name, self.output_name = batch_size, input_name, output_name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cells.contract import (
-    CHANNELS, CLASSES, DETECTOR_INPUT, DETECTOR_OUTPUT, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME,
-    OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
+    CHANNELS, CLASSES, DETECTOR_INPUT, DETECTOR_OUTPUT, FIELD_INPUT, FIELD_OPTIONS, FIELD_OUTPUTS, INPUT_DTYPE, INPUT_NAME,
+    INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME, OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
 )
 from cells.errors import BadInput, UserError, describe, first_line
 
@@ -102,6 +102,20 @@ class Contract:
 
 CLASSIFIER = Contract(INPUT_NAME, (-1, *INPUT_SHAPE), OUTPUT_NAME, (-1, len(CLASSES)))
 DETECTOR = Contract(DETECTOR_INPUT, (-1, -1, -1, CHANNELS), DETECTOR_OUTPUT, (-1, -1, -1, 2))
+FIELD = Contract(FIELD_INPUT, (-1, 1), "boxes", (-1, -1, 4))  # and the other FIELD_OUTPUTS (cells.contract)
+
+
+def check_field_contract(metadata: dict, model: str) -> None:
+    """The field model's metadata has its BYTES input and every output of cells.contract.FIELD_OUTPUTS."""
+    if metadata.get("name") != model:
+        raise ContractError(f"server model is {metadata.get('name')!r}, expected {model!r}")
+    inputs = {tensor.get("name"): tensor.get("datatype") for tensor in metadata.get("inputs", [])}
+    outputs = {tensor.get("name"): tensor.get("datatype") for tensor in metadata.get("outputs", [])}
+    if inputs.get(FIELD_INPUT) != "BYTES":
+        raise ContractError(f"model {model} has no BYTES input {FIELD_INPUT!r}")
+    missing = [name for name, (dtype, _) in FIELD_OUTPUTS.items() if outputs.get(name) != dtype]
+    if missing:
+        raise ContractError(f"model {model} lacks the outputs {', '.join(missing)} of the field contract")
 
 
 def check_contract(metadata: dict, model: str, contract: Contract = CLASSIFIER) -> None:
@@ -128,10 +142,12 @@ class RequestTally:
 
     answered: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
+    bytes_sent: int = 0  # the answered requests' input tensors, as the client sent them
 
     def add(self, other: "RequestTally") -> None:
         self.answered.update(other.answered)
         self.failed.update(other.failed)
+        self.bytes_sent += other.bytes_sent
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         urls = sorted(set(self.answered) | set(self.failed))
@@ -183,7 +199,10 @@ class TritonModel:
                 errors.append(f"{server.url}: {_message(error)}")
                 server.down_until = time.monotonic() + self.options.backoff_max_s
                 continue
-            check_contract(metadata, self.options.model, self.contract)
+            if self.contract is FIELD:
+                check_field_contract(metadata, self.options.model)
+            else:
+                check_contract(metadata, self.options.model, self.contract)
             self.max_batch_size = int(config.get("max_batch_size", 0))
             self.model_version = max(metadata.get("versions", []), key=int, default="")
             return self
@@ -237,6 +256,12 @@ class TritonModel:
             raise InferenceRejected(f"a field must be uint8 [H,W,3], got {field.dtype} {list(field.shape)}")
         return (await self._infer_with_retries(field[None], tally))[0]
 
+    async def analyse(self, data: bytes, options: dict[str, float | bool | int] | None = None,
+                      tally: RequestTally | None = None) -> dict[str, np.ndarray]:
+        """The field model's outputs (cells.contract.FIELD_OUTPUTS, batch dimension removed) for one
+        encoded field, with the optional inputs in `options` (FIELD_OPTIONS) (contract FIELD)."""
+        return await self._infer_with_retries((data, options or {}), tally)
+
     def _next_server(self) -> _Server:
         """Round robin (or, for "first-up", the first in order) over servers that are not marked down;
         the soonest back if all are."""
@@ -267,6 +292,7 @@ class TritonModel:
                     self.request_seconds.append(time.perf_counter() - started)
                 if tally is not None:
                     tally.answered[server.url] += 1
+                    tally.bytes_sent += len(chunk[0]) if self.contract is FIELD else chunk.nbytes
                 server.failures = 0
                 return result
             except Exception as error:  # noqa: BLE001 - sorted into retryable or rejected below
@@ -280,16 +306,32 @@ class TritonModel:
                 server.down_until = time.monotonic() + delay
                 self.retries_done += 1
         raise ServersUnavailable(
-            f"no server took a batch of {len(chunk)} after {self.options.retries + 1} attempts: {_message(last_error)}"
+            f"no server took a {'field' if self.contract is FIELD else f'batch of {len(chunk)}'} after {self.options.retries + 1} attempts: {_message(last_error)}"
         )
 
-    async def _infer(self, server: _Server, chunk: np.ndarray) -> np.ndarray:
+    async def _infer(self, server: _Server, chunk):
         library = self._library()
+        if self.contract is FIELD:
+            return await self._infer_field(library, server, *chunk)
         request = library.InferInput(self.contract.input_name, list(chunk.shape), INPUT_DTYPE)
         request.set_data_from_numpy(np.ascontiguousarray(chunk))
         output = library.InferRequestedOutput(self.contract.output_name)
         result = await server.client.infer(self.options.model, [request], outputs=[output])
         return result.as_numpy(self.contract.output_name)
+
+    async def _infer_field(self, library, server: _Server, data: bytes, options: dict) -> dict[str, np.ndarray]:
+        dtypes = {"FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
+        encoded = library.InferInput(FIELD_INPUT, [1, 1], "BYTES")
+        encoded.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        inputs = [encoded]
+        for key, value in options.items():
+            kind = FIELD_OPTIONS[key]
+            tensor = library.InferInput(key, [1, 1], kind)
+            tensor.set_data_from_numpy(np.array([[value]], dtypes[kind]))
+            inputs.append(tensor)
+        outputs = [library.InferRequestedOutput(name) for name in FIELD_OUTPUTS]
+        result = await server.client.infer(self.options.model, inputs, outputs=outputs)
+        return {name: result.as_numpy(name)[0] for name in FIELD_OUTPUTS}
 
 
 async def unavailable(options: ClientOptions, contract: Contract) -> str:

@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             runtime=args.runtime,
             parent_pid=args.parent_pid,
+            crops=args.crops,
         )
     )
     return 0
@@ -36,6 +37,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     parser.add_argument("--threads", type=int, default=0, help="inference threads (0: one per core)")
     add_runtime_flag(parser)
+    parser.add_argument("--crops", choices=("numpy", "graph"), default="numpy",
+                        help="how the field model cuts and stains crops: numpy (faster on a CPU) or the crop graph "
+                             "(export/crop_graph.py; what a GPU host runs)")
     parser.add_argument("--parent-pid", type=int, help="shut down when this process is no longer our parent")
     parser.set_defaults(handler=_serve)
 

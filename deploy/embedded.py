@@ -40,6 +40,7 @@ class ServeOptions:
     threads: int = 0
     runtime: str = "auto"  # cells.runtime: onnxruntime, openvino, or auto (measured faster on this CPU)
     parent_pid: int | None = None  # shut down once this process (the launcher) is gone
+    crops: str = "numpy"  # the field model's crops: fields.pipeline.CROP_ENGINES (numpy: faster on a CPU)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -83,6 +84,60 @@ def _fix_python_backend_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
+def _runtime_model(path: Path, config, threads: int, runtime: str):
+    """The model at `path` run by `runtime` (cells.runtime) with its config's tensor names and batch size."""
+    from cells.runtime import RUNTIMES
+
+    input_config, output_config = config.input[0], config.output[0]
+    # Fixed-size inputs (crops) come many to a request: OpenVINO splits each over its CPU streams.
+    throughput = {"throughput": all(dim > 0 for dim in input_config.dims)} if runtime == "openvino" else {}
+    return RUNTIMES[runtime](path, batch_size=max(1, config.max_batch_size), threads=threads,
+                             input_name=input_config.name, output_name=output_config.name, **throughput)
+
+
+def _bind_field(triton, repository: Path, threads: int, runtime: str, crops: str) -> None:
+    """The field model (cells.contract.FIELD_NAME): PyTriton has no ensembles and no calls between
+    bound models, so its callable runs the steps itself (fields.pipeline) with the repository's
+    detector, crop graph and classifier, each by the runtime chosen for it. Triton's dynamic batcher
+    gives a call up to FIELD_MAX_BATCH fields that arrived together; their crops are classified at once."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    from cells.contract import (
+        CROPS_NAME, DETECTOR_NAME, FIELD_INPUT, FIELD_MAX_BATCH, FIELD_NAME, FIELD_OPTIONS, FIELD_OUTPUTS, MODEL_NAME,
+    )
+    from cells.decision import read_decision
+    from cells.runtime import OnnxGraph, choose_runtime
+    from fields.pipeline import FieldPipeline, FieldRequest
+
+    def model(name: str):
+        chosen = choose_runtime(repository, name, runtime)
+        return _runtime_model(runtime_model(repository, name, chosen), servable_config(repository, name), threads, chosen)
+
+    graph = served_onnx(repository, CROPS_NAME)
+    pipeline = FieldPipeline(model(DETECTOR_NAME), model(MODEL_NAME), OnnxGraph(graph, threads) if graph.is_file() else None,
+                             read_decision(model_dir(repository, MODEL_NAME)).threshold, crops)
+    dtypes = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "BYTES": np.bytes_}
+
+    def infer(requests) -> list[dict[str, np.ndarray]]:
+        fields = [FieldRequest(bytes(request[FIELD_INPUT].reshape(-1)[0]),
+                               **{key: request[key].reshape(-1)[0].item() for key in FIELD_OPTIONS if key in request})
+                  for request in requests]
+        return [{"boxes": cells.boxes[None], "areas": cells.areas[None], "probabilities": cells.probabilities[None],
+                 "calls": cells.calls[None], "counts": cells.counts[None],
+                 "size": np.array([[cells.width, cells.height]], np.int32),
+                 "error": np.array([[cells.error.encode()]], dtype=np.object_)} for cells in pipeline(fields)]
+
+    triton.bind(
+        model_name=FIELD_NAME,
+        infer_func=infer,
+        inputs=[Tensor(name=FIELD_INPUT, dtype=np.bytes_, shape=(1,))]
+        + [Tensor(name=key, dtype=dtypes[kind], shape=(1,), optional=True) for key, kind in FIELD_OPTIONS.items()],
+        outputs=[Tensor(name=key, dtype=dtypes[kind], shape=shape) for key, (kind, shape) in FIELD_OUTPUTS.items()],
+        config=ModelConfig(max_batch_size=FIELD_MAX_BATCH, batcher=DynamicBatcher(max_queue_delay_microseconds=2000)),
+        strict=True,
+    )
+
+
 def _bind(triton, name: str, path: Path, config, threads: int, runtime: str) -> None:
     """One repository model in PyTriton, run by `runtime` (cells.runtime) from `path`, with its
     config's tensors, batching and queue policy."""
@@ -90,13 +145,9 @@ def _bind(triton, name: str, path: Path, config, threads: int, runtime: str) -> 
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
     from tritonclient.grpc import model_config_pb2 as pb
 
-    from cells.runtime import RUNTIMES
 
     input_config, output_config = config.input[0], config.output[0]
-    # Fixed-size inputs (crops) come many to a request: OpenVINO splits each over its CPU streams.
-    throughput = {"throughput": all(dim > 0 for dim in input_config.dims)} if runtime == "openvino" else {}
-    model = RUNTIMES[runtime](path, batch_size=max(1, config.max_batch_size), threads=threads,
-                              input_name=input_config.name, output_name=output_config.name, **throughput)
+    model = _runtime_model(path, config, threads, runtime)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -137,7 +188,11 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
 
     from cells.runtime import choose_runtime
 
-    configs = {name: servable_config(options.repository, name) for name in model_names(options)}
+    from cells.contract import CROPS_NAME, FIELD_NAME
+
+    names = model_names(options)
+    # The crop graph is a step of the field model, run inside it here (the official container serves it on its own).
+    configs = {name: servable_config(options.repository, name) for name in names if name not in (FIELD_NAME, CROPS_NAME)}
     runtimes = {name: choose_runtime(options.repository, name, options.runtime) for name in configs}
     models = {name: (runtime_model(options.repository, name, runtimes[name]), configs[name]) for name in configs}
     for port in (options.http_port, options.grpc_port, options.metrics_port):
@@ -169,8 +224,11 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
             try:
                 for name, (path, config) in models.items():
                     _bind(triton, name, path, config, options.threads, runtimes[name])
+                if FIELD_NAME in names:
+                    _bind_field(triton, options.repository, options.threads, options.runtime, options.crops)
                 triton.run()
-                served = ", ".join(f"{name} ({path}, {runtimes[name]})" for name, (path, _) in models.items())
+                served = ", ".join([f"{name} ({path}, {runtimes[name]})" for name, (path, _) in models.items()]
+                                   + ([f"{FIELD_NAME} (crops: {options.crops})"] if FIELD_NAME in names else []))
                 print(
                     f"serving {served} on http://{options.host}:{options.http_port} "
                     f"grpc://{options.host}:{options.grpc_port} metrics http://{options.host}:{options.metrics_port}/metrics",

@@ -169,6 +169,10 @@ def export(options: ExportOptions) -> dict:
             tensorrt_error = str(error)
     report["decision"] = copy_decision(model_path.parent, model_dir)
     config = write_model_config(Path(options.repository), options.serving)  # publishes the decision rule
+    if options.serving.kind == "classifier":
+        from export.field_model import write_field_model
+
+        write_field_model(Path(options.repository))  # the field model, composed with the detector beside it
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     log(f"repository written: {config} ({report['wall_seconds']}s)")

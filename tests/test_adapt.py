@@ -32,14 +32,14 @@ def test_boxes_at_and_beyond_the_border_are_clipped_or_dropped():
 
 
 def _found_cells(image):
-    from batch.slides import find_classical
+    from fields.slides import find_classical
 
     return find_classical(image)
 
 
 def test_a_field_s_cells_are_the_crops_the_batch_job_classifies():
     """Matched annotations take the found cell's crop (the batch job's), the rest are cut from their box."""
-    from batch.slides import slide_cells
+    from fields.slides import slide_cells
 
     name = "PA171772.JPG"
     image = load_rgb(FIELDS / name)

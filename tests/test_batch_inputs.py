@@ -10,7 +10,7 @@ from PIL import Image
 
 from batch.field import FieldSettings
 from batch.inputs import DEFAULT_MAX_BYTES, TooLarge, Unreadable, expand, iter_slides, read_file, read_slide
-from batch.slides import SlideError, decode
+from fields.slides import SlideError, decode
 from batch.inputs import plan
 from tests.png16 import png16
 

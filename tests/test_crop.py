@@ -91,10 +91,10 @@ def _reference_cut(field: np.ndarray, box: tuple[int, int, int, int], mask: np.n
 
 def test_field_crops_are_the_plain_per_cell_crops():
     from cells.detection_eval import load_rgb
-    from cells.find import _mask_box, cell_crops, find_cells
+    from cells.find import mask_box, cell_crops, find_cells
 
     field = load_rgb(FIXTURES / "smears" / "PA171691.JPG")
     cells = find_cells(field, keep_border=True)
     assert any(cell.touches_border for cell in cells), "the premise: some cells run off the field"
     crops = cell_crops(field, cells)
-    assert np.array_equal(crops, np.stack([_reference_cut(field, *_mask_box(cell)) for cell in cells]))
+    assert np.array_equal(crops, np.stack([_reference_cut(field, *mask_box(cell)) for cell in cells]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch.slides import prepare
+from fields.slides import prepare
 from cells.detection_eval import load_rgb
 from cells.find import cell_crops, find_cells
 from cells.stain import BACKGROUND_LEVEL, MIN_CELLS, REFERENCE, normalise_stain, stain_stats

@@ -19,13 +19,13 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from batch.field import AnalysedField, analyse_field, detector_options, settings_served
+from batch.field import AnalysedField, analyse_field, field_options, settings_served
 from batch.overlay import COLOURS, LINE_WIDTHS
 from batch.results import CELL_COLUMNS, FIELD_COLUMNS, count_summary
-from batch.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
+from fields.slides import CELL_IMAGE_MAX_SIDE, ImageTooLarge, NotAnImage
 from cells.contract import CLASSES, IMAGE_SUFFIXES
 from cells.decision import NEGATIVE_BELOW, Decision
-from deploy.client import DETECTOR, ClientOptions, InferenceRejected, ServersUnavailable, TritonModel
+from deploy.client import FIELD, ClientOptions, InferenceRejected, ServersUnavailable, TritonModel
 from web.options import MIB, WebOptions
 
 STATIC = Path(__file__).parent / "static"
@@ -129,12 +129,12 @@ def create_app(options: WebOptions) -> FastAPI:
         state["classifier"] = await TritonModel(client_options).connect()
         state["settings"], fallback = await settings_served(options.settings, client_options)
         if fallback:
-            print(f"warning: no detector served ({fallback}): finding cells with the classical finder", flush=True)
-        state["detector"] = None
+            print(f"warning: the learned finder is not served ({fallback}): finding cells with the classical finder", flush=True)
+        state["field_model"] = None
         if state["settings"].finder == "learned":
-            state["detector"] = await TritonModel(detector_options(client_options), contract=DETECTOR).connect()
+            state["field_model"] = await TritonModel(field_options(client_options), contract=FIELD).connect()
         yield
-        for model in (state["classifier"], state["detector"]):
+        for model in (state["classifier"], state["field_model"]):
             if model is not None:
                 await model.close()
 
@@ -190,7 +190,7 @@ def create_app(options: WebOptions) -> FastAPI:
         try:
             async with queue.slot():
                 analysed = await analyse_field(data, state["classifier"], state["settings"], name, "upload",
-                                               keep_image=image, detector=state["detector"])
+                                               keep_image=image, field_model=state["field_model"])
         except ServersUnavailable as error:
             raise HTTPException(503, f"classifier unavailable: {error}") from error
         except InferenceRejected as error:

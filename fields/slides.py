@@ -32,6 +32,16 @@ class ImageTooLarge(SlideError):
     """More pixels than the limit: refused before decoding (a decompression bomb, or not a field)."""
 
 
+def error_from_message(message: str) -> SlideError:
+    """The error of `decode`'s kind (too large, not an image, other) that gave this message: a served
+    field model answers the message only, the page answers each kind with its own HTTP status."""
+    if message.startswith("image too large"):
+        return ImageTooLarge(message)
+    if message.startswith(("not an image", "unsupported image mode")):
+        return NotAnImage(message)
+    return SlideError(message)
+
+
 @dataclass
 class SlideCells:
     """What a worker sends back: one record per cell and the crops in the same order."""
