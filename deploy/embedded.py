@@ -53,9 +53,12 @@ def check_port_free(host: str, port: int) -> None:
 
 def model_names(options: ServeOptions) -> tuple[str, ...]:
     """The models to serve: those named, or every folder of the repository with a config."""
+    from cells.contract import CROPS_NAME
+
     if options.names:
         return options.names
-    names = tuple(sorted(p.parent.name for p in Path(options.repository).glob(f"*/{CONFIG_FILE}")))
+    # The crop graph is a step of the field model, run inside it here (the official container serves it on its own).
+    names = tuple(sorted(p.parent.name for p in Path(options.repository).glob(f"*/{CONFIG_FILE}") if p.parent.name != CROPS_NAME))
     if not names:
         raise ServeError(f"no model in repository {options.repository} (no */{CONFIG_FILE})")
     return names
@@ -95,6 +98,29 @@ def _runtime_model(path: Path, config, threads: int, runtime: str):
                              input_name=input_config.name, output_name=output_config.name, **throughput)
 
 
+def _allow_empty_outputs() -> None:
+    """Let PyTriton 0.7 answer zero-size tensors (a field without cells): its shared-memory copy casts
+    each frame's memoryview to bytes, which Python refuses for an empty array. Same copy, the empty
+    frame's (nothing) skipped; its size is still written, so the reader sees an empty tensor."""
+    import struct
+
+    from pytriton.proxy.data import TensorStore
+
+    def copy_frames(self, frames, shm, offset: int) -> int:
+        total_size = struct.calcsize("<I")
+        for frame in frames:
+            frame = memoryview(frame) if isinstance(frame, bytes) else frame
+            struct.pack_into("<I", shm.buf, offset + total_size, frame.nbytes)
+            total_size += struct.calcsize("<I")
+            if frame.nbytes:
+                shm.buf[offset + total_size : offset + total_size + frame.nbytes] = frame.cast("B")
+            total_size += frame.nbytes
+        struct.pack_into("<I", shm.buf, offset, total_size)
+        return total_size
+
+    TensorStore._copy_frames = copy_frames
+
+
 def _bind_field(triton, repository: Path, threads: int, runtime: str, crops: str) -> None:
     """The field model (cells.contract.FIELD_NAME): PyTriton has no ensembles and no calls between
     bound models, so its callable runs the steps itself (fields.pipeline) with the repository's
@@ -114,6 +140,7 @@ def _bind_field(triton, repository: Path, threads: int, runtime: str, crops: str
         return _runtime_model(runtime_model(repository, name, chosen), servable_config(repository, name), threads, chosen)
 
     graph = served_onnx(repository, CROPS_NAME)
+    _allow_empty_outputs()
     pipeline = FieldPipeline(model(DETECTOR_NAME), model(MODEL_NAME), OnnxGraph(graph, threads) if graph.is_file() else None,
                              read_decision(model_dir(repository, MODEL_NAME)).threshold, crops)
     dtypes = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "BYTES": np.bytes_}
@@ -188,11 +215,10 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
 
     from cells.runtime import choose_runtime
 
-    from cells.contract import CROPS_NAME, FIELD_NAME
+    from cells.contract import FIELD_NAME
 
     names = model_names(options)
-    # The crop graph is a step of the field model, run inside it here (the official container serves it on its own).
-    configs = {name: servable_config(options.repository, name) for name in names if name not in (FIELD_NAME, CROPS_NAME)}
+    configs = {name: servable_config(options.repository, name) for name in names if name != FIELD_NAME}
     runtimes = {name: choose_runtime(options.repository, name, options.runtime) for name in configs}
     models = {name: (runtime_model(options.repository, name, runtimes[name]), configs[name]) for name in configs}
     for port in (options.http_port, options.grpc_port, options.metrics_port):

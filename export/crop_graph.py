@@ -75,8 +75,8 @@ def _srgb_to_linear_table() -> np.ndarray:
 def _cut_and_resize(g: _Builder) -> str:
     """Float crops [N, 128, 128, 3] (integer levels) from the field, the labels and the windows."""
     f32, i64 = 1, 7  # onnx.TensorProto.FLOAT, INT64
-    field = g.op("Cast", "field", to=f32)
-    shape = g.op("Shape", "field")
+    field = g.op("Cast", "field", to=f32)  # TensorRT takes UINT8 only as a network input or output
+    shape = g.op("Shape", field)
     height, width = g.op("Slice", shape, g.const([0], np.int64), g.const([1], np.int64)), \
         g.op("Slice", shape, g.const([1], np.int64), g.const([2], np.int64))
     flat_field = g.op("Reshape", field, g.const([-1, 3], np.int64))

@@ -66,6 +66,7 @@ def write_field_model(repository: Path) -> list[Path]:
     threshold = read_decision(model_dir(repository, MODEL_NAME)).threshold
     for config in (crops_config(), field_config(threshold)):
         path = model_dir(repository, config.name) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text_format.MessageToString(config))
         written.append(path)
     bls = version_dir(repository, FIELD_NAME) / BLS_FILE
