@@ -11,7 +11,7 @@ from batch.driver import BatchOptions
 from cells.cli import add_command
 from cells.repository import DEFAULT_REPOSITORY
 from deploy.client import POLICIES
-from deploy.commands import add_runtime_flag
+from deploy.commands import add_crops_flag, add_runtime_flag
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
         repository=args.repository,
         server_threads=args.server_threads,
         server_runtime=args.runtime,
+        server_crops=args.crops,
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,
         max_pending=args.max_pending,
@@ -78,6 +79,7 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-threads", type=int, default=defaults.server_threads,
                         help="inference threads of the embedded Triton (0: one per core)")
     add_runtime_flag(parser)
+    add_crops_flag(parser)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference request")
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, help="inference requests in flight")
     parser.add_argument("--max-pending", type=int, default=defaults.max_pending, help="slides in flight (0: two per task slot of the cluster)")

@@ -50,6 +50,7 @@ class BatchOptions:
     repository: Path = DEFAULT_REPOSITORY
     server_threads: int = 0  # inference threads of the embedded Triton; 0: one per core
     server_runtime: str = "auto"  # the embedded Triton's CPU runtime (cells.runtime)
+    server_crops: str = "numpy"  # how the embedded Triton's field model cuts crops (fields.pipeline.CROP_ENGINES)
     batch_size: int = REQUEST_BATCH_SIZE
     max_in_flight: int = MAX_IN_FLIGHT
     max_pending: int = 0  # slides in flight at once; 0: two per task slot of the cluster
@@ -152,6 +153,8 @@ class Placement:
             "driver_cpu_ms_per_cell": round(1000 * self.scheduling_cpu / max(cells, 1), 4),
             "driver_bytes_per_cell": round(self.bytes_received / max(cells, 1), 2),
             "input_bytes_read_by_workers": self.input_bytes_read,
+            # What the workers sent to Triton (input tensors as sent, answered requests): the wire's cost.
+            "wire_bytes_per_cell": round(self.tally.bytes_sent / max(cells, 1), 1),
         }
 
 
@@ -331,7 +334,7 @@ def _run(options: BatchOptions, progress: Progress, stop: StopSignals) -> int:
     settings, decision = decided(options.settings, options.repository, options.model)
     options = replace(options, settings=settings)
     server = None if options.triton_urls else EmbeddedServer(options.repository, threads=options.server_threads,
-                                                                 runtime=options.server_runtime)
+                                                                 runtime=options.server_runtime, crops=options.server_crops)
     urls = list(options.triton_urls) or [server.grpc_url if options.protocol == "grpc" else server.http_url]
     try:
         with stop.raising():

@@ -17,6 +17,7 @@ import numpy as np
 from batch.results import FieldResult, classified, failed
 from fields.slides import (
     DEFAULT_MAX_PIXELS, SlideError, decode_field, error_from_message, find_classical, is_cell_image, slide_cells,
+    too_small,
 )
 from cells.contract import DETECTOR_CELL_DIAMETER, DETECTOR_NAME, FIELD_NAME
 from cells.decision import DEFAULT_THRESHOLD, Decision, read_decision
@@ -138,8 +139,10 @@ async def _analyse_served(data: bytes, field_model: TritonModel, settings: Field
     reason = cells["error"][0].decode()
     if reason:
         return AnalysedField(failed(field_id, source, reason), error=error_from_message(reason))
-    image = await asyncio.to_thread(decode_field, data, settings.max_pixels) if keep_image else None
     width, height = (int(v) for v in cells["size"])
+    if error := too_small(width, height):  # the field model answers no cells; a user is told why
+        return AnalysedField(failed(field_id, source, str(error)), error=error)
+    image = await asyncio.to_thread(decode_field, data, settings.max_pixels) if keep_image else None
     result = classified(field_id, source, cells["boxes"], cells["areas"], cells["probabilities"], width, height,
                         time.monotonic() - started, threshold)
     return AnalysedField(result, image)

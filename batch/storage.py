@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -262,24 +263,51 @@ def read_bytes(location: Location) -> bytes:
 
 @contextmanager
 def atomic_path(location: Location) -> Iterator[Path]:
-    """A local temporary path to write to; it becomes `location` whole, only if the block succeeds."""
+    """A local temporary path to write to; it becomes `location` whole, only if the block succeeds.
+    The temporary has no name in the file system until it replaces `location` (where the file
+    system allows), so a writer killed mid-write leaves no file behind."""
     location = os.fspath(location)
     remote = is_remote(location)
-    folder = None if remote else Path(location).parent
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    os.close(handle)
+    folder = Path(tempfile.gettempdir() if remote else Path(location).parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = _unnamed_file(folder), None
+    if handle is None:  # a file system without unnamed files: a named temporary, removed unless killed
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    writable = Path(temporary or f"/proc/self/fd/{handle}")
     try:
-        yield Path(temporary)
+        yield writable
         if remote:
             filesystem, path = resolve(location)
-            with _errors(location), open(temporary, "rb") as source, filesystem.open_output_stream(path) as target:
+            with _errors(location), open(writable, "rb") as source, filesystem.open_output_stream(path) as target:
                 shutil.copyfileobj(source, target, 8 << 20)
         else:
+            if temporary is None:  # named only for the instant before it replaces the target
+                temporary = str(folder / f".tmp-{uuid.uuid4().hex}")
+                _name(writable, temporary)
             os.replace(temporary, location)
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        os.close(handle)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def _name(unnamed: Path, path: str) -> None:
+    """Give the unnamed file open as `unnamed` (/proc/self/fd/N) the name `path`: linkat() following
+    the /proc link, which os.link does only when given a directory descriptor."""
+    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(unnamed, os.path.basename(path), dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
+
+
+def _unnamed_file(folder: Path) -> int | None:
+    """A writable file in `folder` without a name (Linux's O_TMPFILE), or None where the file system
+    has none: a writer killed before naming it (a Ray worker of a stopped job) leaves nothing behind."""
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644)
+    except (AttributeError, OSError):
+        return None
 
 
 def atomic_write(location: Location, data: str | bytes) -> None:

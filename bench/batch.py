@@ -45,6 +45,7 @@ class BenchOptions:
     worker_cpus: float = BatchOptions.worker_cpus  # the job's `--worker-cpus`
     runtime: str = BatchOptions.server_runtime  # the job's `--runtime`
     baseline_runtime: str = "onnxruntime"  # the job run again with this `--runtime`, in the same run ("": not)
+    crops: str = BatchOptions.server_crops  # the job's `--crops`
 
 
 def cpu_model_name() -> str:
@@ -65,32 +66,54 @@ def field_paths(fields: Path, max_fields: int) -> list[Path]:
 
 
 def _stage_costs(paths: list[Path], crops_file: Path, finder: str, repository: Path, threads: int) -> dict:
-    """Run each stage of the job's per-field work on every field; core-ms per cell of each. The
-    learned finder's model runs in-process (ONNX Runtime) here, in Triton in the job."""
-    from fields.slides import decode, find_classical
-    from cells.detect import onnx_finder
+    """Run each stage of the field model's work on every field; core-ms per cell of each. The models
+    run in-process (ONNX Runtime) here, in Triton in the job. With the learned finder, the crop graph
+    (export/crop_graph.py) also runs on the same cells, reported apart (`graph_core_ms_per_cell`):
+    it replaces the crop and stain stages where a server runs it."""
+    from cells.contract import CROPS_NAME, DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT
+    from cells.detect import detector_input, labelled_cells
     from cells.find import cell_crops
+    from cells.repository import served_onnx
+    from cells.runtime import OnnxGraph, OnnxModel
     from cells.stain import normalise_stain
+    from fields.pipeline import crop_graph_inputs
+    from fields.slides import decode, find_classical
 
-    find = onnx_finder(repository, threads, keep_border=False) if finder == "learned" else find_classical
-
+    learned = finder == "learned"
     spent = dict.fromkeys(("decode", "find", "crop", "stain"), 0.0)
+    finding = dict.fromkeys(("detector input", "detector", "post-processing", "graph"), 0.0)  # the learned finder's parts
+    if learned:
+        detector = OnnxModel(served_onnx(repository, DETECTOR_NAME), batch_size=1, threads=threads,
+                             input_name=DETECTOR_INPUT, output_name=DETECTOR_OUTPUT)
+        graph_file = served_onnx(repository, CROPS_NAME)
+        graph = OnnxGraph(graph_file, threads) if graph_file.is_file() else None
     all_crops = []
 
-    def timed(stage: str, work, *args):
+    def timed(stage: str, work, *args, into: dict = spent):
         started = time.process_time()
         result = work(*args)
-        spent[stage] += time.process_time() - started
+        into[stage] += time.process_time() - started
         return result
 
     for path in paths:
         image = timed("decode", decode, path.read_bytes())
-        found = timed("find", find, image)
+        if learned:
+            small, factor = timed("detector input", detector_input, image, into=finding)
+            maps = timed("detector", detector, small[None], into=finding)[0]
+            found, labels, ids = timed("post-processing", labelled_cells, maps, image.shape[:2], factor, into=finding)
+            spent["find"] = sum(v for k, v in finding.items() if k != "graph")
+        else:
+            found = timed("find", find_classical, image)
         crops = timed("crop", cell_crops, image, found)
         all_crops.append(timed("stain", normalise_stain, crops))
+        if learned and graph is not None and found:
+            timed("graph", graph, crop_graph_inputs(image, found, labels, ids, factor), into=finding)
     crops = np.concatenate(all_crops)
     np.save(crops_file, crops)
-    return {"cells": int(len(crops)), "core_ms_per_cell": {k: 1000 * v / len(crops) for k, v in spent.items()}}
+    per_cell = {k: 1000 * v / len(crops) for k, v in finding.items()}
+    return {"cells": int(len(crops)), "core_ms_per_cell": {k: 1000 * v / len(crops) for k, v in spent.items()},
+            "find_core_ms_per_cell": per_cell if learned else None,
+            "graph_core_ms_per_cell": per_cell["graph"] if learned and graph is not None else None}
 
 
 def rate(predict, images: np.ndarray, batch_size: int) -> dict:
@@ -196,12 +219,13 @@ def job(paths: list[Path] | list[str], options: BenchOptions, output: Path | str
     command = [sys.executable, "-m", "smearscope", "run", "--input", *map(str, paths), "--output", str(output),
                "--repository", str(options.repository), "--model", options.name, "--batch-size", str(options.batch_size),
                "--finder", options.finder, "--worker-cpus", str(options.worker_cpus),
-               "--runtime", options.runtime]
+               "--runtime", options.runtime, "--crops", options.crops]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
     cpu: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU seconds at its last sample)
     rss: dict[int, int] = {}  # pid -> its peak resident bytes
     series: list[tuple[float, float]] = []  # (time, CPU seconds of the processes alive then)
+    by_name: list[dict[str, float]] = []  # CPU seconds so far by process name, at each time of `series`
     stop = threading.Event()
 
     def sample() -> None:
@@ -215,6 +239,7 @@ def job(paths: list[Path] | list[str], options: BenchOptions, output: Path | str
                 name = processes[p][1]  # workers after start; an exiting process's cmdline reads empty)
                 cpu[p] = (cpu[p][0] if p in cpu and name.startswith("python") else name, processes[p][3])
                 rss[p] = max(rss.get(p, 0), processes[p][2])
+            by_name.append(_sum_by_name(cpu))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -244,7 +269,26 @@ def job(paths: list[Path] | list[str], options: BenchOptions, output: Path | str
         # Each process's own peak, summed by name (Ray's workers peak at different times).
         "peak_rss_mib_by_process": dict(sorted(rss_by_process.items(), key=lambda x: -x[1])),
         "steady_busy_cores": _steady_busy(series),
+        # The middle half of the run (start-up, the last fields and the tables left out), by process name.
+        "steady_core_ms_per_cell_by_process": _steady_by_name(series, by_name, report["steady_cells_per_second"]),
     }
+
+
+def _sum_by_name(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for name, seconds in cpu.values():
+        totals[name] = totals.get(name, 0.0) + seconds
+    return totals
+
+
+def _steady_by_name(series: list[tuple[float, float]], by_name: list[dict[str, float]], cells_per_s: float) -> dict:
+    """Core-ms per cell of each process name over the middle half of the run, at its steady rate."""
+    if len(series) < 8 or not cells_per_s:
+        return {}
+    first, last = len(series) // 4, 3 * len(series) // 4
+    cells = cells_per_s * (series[last][0] - series[first][0])
+    spent = {name: by_name[last].get(name, 0.0) - by_name[first].get(name, 0.0) for name in by_name[last]}
+    return {name: 1000 * s / cells for name, s in sorted(spent.items(), key=lambda x: -x[1]) if s > 0}
 
 
 def _steady_busy(series: list[tuple[float, float]]) -> float:

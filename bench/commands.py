@@ -84,7 +84,7 @@ def _bench_feed(args: argparse.Namespace) -> int:
     from bench.feed import FeedBenchOptions, bench_feed
 
     bench_feed(FeedBenchOptions(fields=args.fields, repository=args.repository, out=args.out, distinct=args.distinct,
-                                total=args.total, worker_cpus=args.worker_cpus))
+                                total=args.total, worker_cpus=args.worker_cpus, crops=args.crops))
     return 0
 
 
@@ -99,6 +99,8 @@ def _configure_feed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distinct", type=int, default=defaults.distinct, help="distinct fields, in name order")
     parser.add_argument("--total", type=int, default=defaults.total, help="fields the job runs: copies of the distinct ones")
     parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus, help="the job's --worker-cpus")
+    parser.add_argument("--crops", choices=("graph", "numpy"), default=defaults.crops,
+                        help="the job's --crops (graph: as a GPU host runs the field model)")
     parser.set_defaults(handler=_bench_feed)
 
 
@@ -144,11 +146,45 @@ def _configure_storage(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_storage)
 
 
+def _field_data(args: argparse.Namespace) -> int:
+    from bench.batch import field_paths
+    from bench.serving import field_input_data
+
+    print(field_input_data(field_paths(args.fields, args.max_fields), args.out, args.url))
+    return 0
+
+
+def _configure_field_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fields", type=Path, default=Path("tests/fixtures/smears"), help="folder of smear fields")
+    parser.add_argument("--max-fields", type=int, default=20, help="fields used, in name order")
+    parser.add_argument("--out", type=Path, default=Path("runs/field-input-data.json"), help="perf_analyzer input data")
+    parser.add_argument("--url", default="localhost:8001", help="the server's gRPC address, for the printed command")
+    parser.set_defaults(handler=_field_data)
+
+
+def _compare_runs(args: argparse.Namespace) -> int:
+    from bench.compare import write_comparison
+
+    write_comparison(args.baseline, args.candidate, args.out)
+    return 0
+
+
+def _configure_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", type=Path, required=True, help="a run's output folder (smearscope run --output)")
+    parser.add_argument("--candidate", type=Path, required=True, help="another run's output, on the same fields")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/compare-runs.json"), help="JSON report")
+    parser.set_defaults(handler=_compare_runs)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     benches = add_group(commands, "bench", "throughput benchmarks (numbers, not pass/fail)")
     add_command(benches, "batch", "the end-to-end job beside the bare models and the tutorial loop, on real fields",
                 _configure_batch)
     add_command(benches, "serve", "embedded Triton: img/s and latency over protocol x batch x concurrency", _configure_serve)
+    add_command(benches, "compare-runs", "two runs of the job on the same fields: cells F1, calls and counts agreeing",
+                _configure_compare)
+    add_command(benches, "field-data", "perf_analyzer input data for the field model (fields as stored), and its command",
+                _configure_field_data)
     add_command(benches, "feed", "the pipeline around the models: the job with stand-in models, core-ms per cell",
                 _configure_feed)
     add_command(benches, "shutdown", "seconds from SIGTERM to exit: serve, web and run, started in the background",

@@ -117,3 +117,19 @@ def bench_serving(options: ServeBenchOptions) -> dict:
     options.out.with_suffix(".json").write_text(json.dumps({"points": rows, **summary}, indent=2))
     print(f"wrote {options.out} and {options.out.with_suffix('.json')}")
     return {"points": rows, **summary}
+
+
+def field_input_data(fields: list[Path], out: Path, url: str = "localhost:8001") -> str:
+    """perf_analyzer's input data for the field model (each field's bytes as stored, base64, one request
+    each) written to `out`; the perf_analyzer command that sends them, returned."""
+    import base64
+
+    from cells.contract import FIELD_INPUT, FIELD_NAME
+
+    data = [{FIELD_INPUT: {"content": {"b64": base64.b64encode(path.read_bytes()).decode()}, "shape": [1]}}
+            for path in fields]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"data": data}))
+    return (f"perf_analyzer -m {FIELD_NAME} -u {url} -i grpc --input-data {out} --concurrency-range 1:8 "
+            f"--percentile 95")
+

@@ -97,6 +97,7 @@ def record_detector(repository: Path, fields: list[Path]) -> tuple[np.ndarray, n
 def stand_in_repository(repository: Path, fields: list[Path], out: Path) -> Path:
     """A copy of `repository`'s configs (and decision rule) with stand-in models for its classifier
     and detector; the detector recorded on `fields`."""
+    from export.field_model import write_field_model
     from export.triton_config import DETECTOR_SERVING, ServingParameters, write_model_config
     from cells.repository import served_onnx
 
@@ -107,4 +108,5 @@ def stand_in_repository(repository: Path, fields: list[Path], out: Path) -> Path
     detector_graph(served_onnx(out, DETECTOR_NAME), inputs, maps)
     write_model_config(out, ServingParameters())
     write_model_config(out, DETECTOR_SERVING)
+    write_field_model(out)  # the field model and its crop graph: real, they are not models to stand in for
     return out

@@ -37,11 +37,17 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     parser.add_argument("--threads", type=int, default=0, help="inference threads (0: one per core)")
     add_runtime_flag(parser)
-    parser.add_argument("--crops", choices=("numpy", "graph"), default="numpy",
-                        help="how the field model cuts and stains crops: numpy (faster on a CPU) or the crop graph "
-                             "(export/crop_graph.py; what a GPU host runs)")
+    add_crops_flag(parser)
     parser.add_argument("--parent-pid", type=int, help="shut down when this process is no longer our parent")
     parser.set_defaults(handler=_serve)
+
+
+def add_crops_flag(parser: argparse.ArgumentParser) -> None:
+    from fields.pipeline import CROP_ENGINES
+
+    parser.add_argument("--crops", choices=CROP_ENGINES, default="numpy",
+                        help="how the field model cuts and stains crops: numpy (faster on a CPU) or the crop graph "
+                             "(export/crop_graph.py, the same pixels within one level; what a GPU host runs)")
 
 
 def add_runtime_flag(parser: argparse.ArgumentParser) -> None:

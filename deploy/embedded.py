@@ -121,11 +121,12 @@ def _allow_empty_outputs() -> None:
     TensorStore._copy_frames = copy_frames
 
 
-def _bind_field(triton, repository: Path, threads: int, runtime: str, crops: str) -> None:
+def _bind_field(triton, repository: Path, loaded: dict, threads: int, runtime: str, crops: str) -> None:
     """The field model (cells.contract.FIELD_NAME): PyTriton has no ensembles and no calls between
     bound models, so its callable runs the steps itself (fields.pipeline) with the repository's
     detector, crop graph and classifier, each by the runtime chosen for it. Triton's dynamic batcher
-    gives a call up to FIELD_MAX_BATCH fields that arrived together; their crops are classified at once."""
+    gives a call up to FIELD_MAX_BATCH fields that arrived together; their crops are classified at once.
+    Models also served on their own (`loaded`, by name) are shared, not loaded twice."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     from cells.contract import (
@@ -136,6 +137,8 @@ def _bind_field(triton, repository: Path, threads: int, runtime: str, crops: str
     from fields.pipeline import FieldPipeline, FieldRequest
 
     def model(name: str):
+        if name in loaded:
+            return loaded[name]
         chosen = choose_runtime(repository, name, runtime)
         return _runtime_model(runtime_model(repository, name, chosen), servable_config(repository, name), threads, chosen)
 
@@ -165,16 +168,14 @@ def _bind_field(triton, repository: Path, threads: int, runtime: str, crops: str
     )
 
 
-def _bind(triton, name: str, path: Path, config, threads: int, runtime: str) -> None:
-    """One repository model in PyTriton, run by `runtime` (cells.runtime) from `path`, with its
-    config's tensors, batching and queue policy."""
+def _bind(triton, name: str, model, config) -> None:
+    """One repository model in PyTriton, run by `model` (a cells.runtime model), with its config's
+    tensors, batching and queue policy."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
     from tritonclient.grpc import model_config_pb2 as pb
 
-
     input_config, output_config = config.input[0], config.output[0]
-    model = _runtime_model(path, config, threads, runtime)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -248,10 +249,12 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     try:
         with Triton(config=triton_config, security_config=security, triton_lifecycle_policy=lifecycle) as triton:
             try:
-                for name, (path, config) in models.items():
-                    _bind(triton, name, path, config, options.threads, runtimes[name])
+                loaded = {name: _runtime_model(path, config, options.threads, runtimes[name])
+                          for name, (path, config) in models.items()}
+                for name, (_, config) in models.items():
+                    _bind(triton, name, loaded[name], config)
                 if FIELD_NAME in names:
-                    _bind_field(triton, options.repository, options.threads, options.runtime, options.crops)
+                    _bind_field(triton, options.repository, loaded, options.threads, options.runtime, options.crops)
                 triton.run()
                 served = ", ".join([f"{name} ({path}, {runtimes[name]})" for name, (path, _) in models.items()]
                                    + ([f"{FIELD_NAME} (crops: {options.crops})"] if FIELD_NAME in names else []))

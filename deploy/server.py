@@ -38,9 +38,10 @@ class EmbeddedServer:
         threads: int = 0,
         startup_timeout: float = 120.0,
         runtime: str = "auto",
+        crops: str = "numpy",
     ) -> None:
         self.repository, self.names, self.host = Path(repository), tuple(names), host
-        self.threads, self.startup_timeout, self.runtime = threads, startup_timeout, runtime
+        self.threads, self.startup_timeout, self.runtime, self.crops = threads, startup_timeout, runtime, crops
         self.http_port, self.grpc_port, self.metrics_port = (free_port(host) for _ in range(3))
         self.access_token = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
@@ -64,7 +65,7 @@ class EmbeddedServer:
             *(["--name", *self.names] if self.names else []),
             "--host", self.host, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--threads", str(self.threads),
-            "--runtime", self.runtime,
+            "--runtime", self.runtime, "--crops", self.crops,
             "--parent-pid", str(os.getpid()),  # a killed launcher must not leave its server running
         ]
         env = {**os.environ, ACCESS_TOKEN_ENV: self.access_token}

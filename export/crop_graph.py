@@ -73,13 +73,14 @@ def _srgb_to_linear_table() -> np.ndarray:
 
 
 def _cut_and_resize(g: _Builder) -> str:
-    """Float crops [N, 128, 128, 3] (integer levels) from the field, the labels and the windows."""
+    """Crops as colour planes [3, N, 128, 128] (floats holding uint8 levels) from the field, the
+    labels and the windows. Planes keep every per-channel step a broadcast over contiguous pixels."""
     f32, i64 = 1, 7  # onnx.TensorProto.FLOAT, INT64
     field = g.op("Cast", "field", to=f32)  # TensorRT takes UINT8 only as a network input or output
     shape = g.op("Shape", field)
     height, width = g.op("Slice", shape, g.const([0], np.int64), g.const([1], np.int64)), \
         g.op("Slice", shape, g.const([1], np.int64), g.const([2], np.int64))
-    flat_field = g.op("Reshape", field, g.const([-1, 3], np.int64))
+    planes = g.op("Reshape", g.op("Transpose", field, perm=[2, 0, 1]), g.const([3, -1], np.int64))  # [3, H*W]
     label_shape = g.op("Shape", "labels")
     label_rows = g.op("Slice", label_shape, g.const([0], np.int64), g.const([1], np.int64))
     label_cols = g.op("Slice", label_shape, g.const([1], np.int64), g.const([2], np.int64))
@@ -111,7 +112,7 @@ def _cut_and_resize(g: _Builder) -> str:
     label_pixel = g.op("Add", g.op("Mul", unsq(label_row, [2]), label_cols), unsq(label_col, [1]))
     own = g.op("Equal", g.op("Cast", g.op("Gather", flat_labels, label_pixel, axis=0), to=i64), unsq(label, [2]))
     keep = g.op("And", own, g.op("And", unsq(row_ok, [2]), unsq(col_ok, [1])))
-    square = g.op("Mul", g.op("Gather", flat_field, pixel, axis=0), unsq(g.op("Cast", keep, to=f32), [3]))
+    squares = g.op("Mul", g.op("Gather", planes, pixel, axis=1), g.op("Cast", keep, to=f32))  # [3, N, S(y), S(x)]
 
     # PIL's bilinear weights from a square of `side` px to IMAGE_SIZE: out px o, in px i.
     side_f = g.op("Cast", side, to=f32)  # [N, 1]
@@ -123,11 +124,8 @@ def _cut_and_resize(g: _Builder) -> str:
     weights = g.op("Mul", g.op("Relu", g.op("Sub", g.const(1.0), distance)), unsq(g.op("Cast", in_square, to=f32), [1]))
     weights = g.op("Div", weights, g.op("ReduceSum", weights, g.const([2], np.int64), keepdims=1))  # [N, 128, S]
 
-    planes = g.op("Transpose", square, perm=[0, 3, 1, 2])  # [N, 3, S(y), S(x)]
-    along_x = g.op("MatMul", planes, unsq(g.op("Transpose", weights, perm=[0, 2, 1]), [1]))  # [N, 3, S, 128]
-    along_x = _round_levels(g, along_x)
-    along_y = _round_levels(g, g.op("MatMul", unsq(weights, [1]), along_x))  # [N, 3, 128, 128]
-    return g.op("Transpose", along_y, perm=[0, 2, 3, 1])
+    along_x = _round_levels(g, g.op("MatMul", squares, g.op("Transpose", weights, perm=[0, 2, 1])))  # [3, N, S, 128]
+    return _round_levels(g, g.op("MatMul", weights, along_x))  # [3, N, 128, 128]
 
 
 def _round_levels(g: _Builder, values: str) -> str:
@@ -135,48 +133,54 @@ def _round_levels(g: _Builder, values: str) -> str:
     return g.op("Clip", g.op("Floor", g.op("Add", values, g.const(0.5))), g.const(0.0), g.const(255.0))
 
 
-def _lab(g: _Builder, crops: str) -> str:
-    """CIELAB [..., 3] of float crops [..., 3] holding uint8 levels."""
-    linear = g.op("Gather", g.const(_srgb_to_linear_table()), g.op("Cast", crops, to=6), axis=0)
-    xyz = g.op("MatMul", linear, g.const((RGB_TO_XYZ / WHITE[:, None]).T))
-    cube_root = g.op("Exp", g.op("Div", g.op("Log", g.op("Max", xyz, g.const(1e-12))), g.const(3.0)))
-    f = g.op("Where", g.op("Greater", xyz, g.const(0.008856)), cube_root,
-             g.op("Add", g.op("Mul", xyz, g.const(7.787)), g.const(16.0 / 116.0)))
-    return g.op("Add", g.op("MatMul", f, g.const(F_TO_LAB)), g.const(LAB_OFFSET))
+def _where_above(g: _Builder, values: str, level: float, above: str, below: str) -> str:
+    return g.op("Where", g.op("Greater", values, g.const(level)), above, below)
 
 
-def _rgb_levels(g: _Builder, lab: str) -> str:
-    """uint8 levels (as floats) of CIELAB [..., 3], as skimage's lab2rgb and `np.rint(255 x)`."""
-    f = g.op("Add", g.op("MatMul", lab, g.const(np.linalg.inv(F_TO_LAB))), g.const(-LAB_OFFSET @ np.linalg.inv(F_TO_LAB)))
-    f = g.op("Max", f, g.const([-np.inf, -np.inf, 0.0]))  # skimage clips a negative z to 0
-    xyz = g.op("Where", g.op("Greater", f, g.const(0.2068966)), g.op("Mul", f, g.op("Mul", f, f)),
-               g.op("Div", g.op("Sub", f, g.const(16.0 / 116.0)), g.const(7.787)))
-    linear = g.op("MatMul", xyz, g.const(np.linalg.inv(RGB_TO_XYZ / WHITE[:, None]).T))
-    gamma = g.op("Sub", g.op("Mul", g.op("Exp", g.op("Div", g.op("Log", g.op("Max", linear, g.const(1e-12))), g.const(2.4))),
-                             g.const(1.055)), g.const(0.055))
-    srgb = g.op("Where", g.op("Greater", linear, g.const(0.0031308)), gamma, g.op("Mul", linear, g.const(12.92)))
-    return g.op("Round", g.op("Mul", g.op("Clip", srgb, g.const(0.0), g.const(1.0)), g.const(255.0)))
+def _power(g: _Builder, values: str, exponent: float) -> str:
+    """values ** exponent for values > 0 (others: the power of a tiny number), as Exp and Log."""
+    return g.op("Exp", g.op("Mul", g.op("Log", g.op("Max", values, g.const(1e-12))), g.const(exponent)))
 
 
-def _normalise_stain(g: _Builder, crops: str) -> str:
-    """The crops with their cell pixels recoloured to the reference stain (cells.stain)."""
+def _normalise_stain(g: _Builder, planes: str) -> str:
+    """The crops [3, N, 128, 128] with their cell pixels recoloured to the reference stain (cells.stain):
+    CIELAB from sRGB, the field's mean and spread over its cell pixels, each channel shifted and
+    scaled to the reference's, back to sRGB (skimage's formulas throughout)."""
     f32 = 1
-    cell = g.op("Greater", g.op("ReduceMax", crops, axes=[3], keepdims=1), g.const(float(BACKGROUND_LEVEL)))
-    weight = g.op("Cast", cell, to=f32)  # [N, 128, 128, 1]
-    lab = _lab(g, crops)
-    all_pixels = g.const([0, 1, 2], np.int64)
-    count = g.op("ReduceSum", weight, all_pixels, keepdims=0)  # [1]
+    shape = g.op("Shape", planes)
+    rgb = g.op("Reshape", planes, g.const([3, -1], np.int64))  # [3, P]
+    cell = g.op("Greater", g.op("ReduceMax", rgb, axes=[0], keepdims=1), g.const(float(BACKGROUND_LEVEL)))  # [1, P]
+    weight = g.op("Cast", cell, to=f32)
+    column = lambda values: g.const(np.asarray(values, np.float64)[:, None])  # noqa: E731 - a per-channel constant [3, 1]
+
+    linear = g.op("Gather", g.const(_srgb_to_linear_table()), g.op("Cast", rgb, to=6), axis=0)
+    xyz = g.op("MatMul", g.const(RGB_TO_XYZ / WHITE[:, None]), linear)  # white-relative X, Y, Z
+    f = _where_above(g, xyz, 0.008856, _power(g, xyz, 1 / 3), g.op("Add", g.op("Mul", xyz, g.const(7.787)),
+                                                                         g.const(16.0 / 116.0)))
+    lab = g.op("Add", g.op("MatMul", g.const(F_TO_LAB.T), f), column(LAB_OFFSET))
+
+    count = g.op("ReduceSum", weight, g.const([0, 1], np.int64), keepdims=0)  # [1]
     total = g.op("Max", count, g.const(1.0))
-    mean = g.op("Div", g.op("ReduceSum", g.op("Mul", lab, weight), all_pixels, keepdims=0), total)  # [3]
+    mean = g.op("Div", g.op("MatMul", lab, g.op("Transpose", weight)), total)  # [3, 1]
     centred = g.op("Sub", lab, mean)
-    std = g.op("Sqrt", g.op("Div", g.op("ReduceSum", g.op("Mul", g.op("Mul", centred, centred), weight), all_pixels,
-                                        keepdims=0), total))
-    gain = g.op("Div", g.const(REFERENCE.std), g.op("Max", std, g.const(1e-3)))
-    recoloured = _rgb_levels(g, g.op("Add", g.op("Mul", centred, gain), g.const(REFERENCE.mean)))
-    cells = g.op("Slice", g.op("Shape", crops), g.const([0], np.int64), g.const([1], np.int64))
+    variance = g.op("Div", g.op("MatMul", g.op("Mul", centred, centred), g.op("Transpose", weight)), total)
+    gain = g.op("Div", column(REFERENCE.std), g.op("Max", g.op("Sqrt", variance), g.const(1e-3)))
+    # Back to f(X), f(Y), f(Z) from the recoloured CIELAB: one 3x3 matrix and offset for the whole field.
+    to_f = g.const(np.linalg.inv(F_TO_LAB.T))
+    f = g.op("Add", g.op("MatMul", to_f, g.op("Add", g.op("Mul", centred, gain), column(REFERENCE.mean))),
+             column(-np.linalg.inv(F_TO_LAB.T) @ LAB_OFFSET))
+    f = g.op("Max", f, column([-np.inf, -np.inf, 0.0]))  # skimage clips a negative z to 0
+    xyz = _where_above(g, f, 0.2068966, g.op("Mul", f, g.op("Mul", f, f)),
+                       g.op("Div", g.op("Sub", f, g.const(16.0 / 116.0)), g.const(7.787)))
+    linear = g.op("MatMul", g.const(np.linalg.inv(RGB_TO_XYZ / WHITE[:, None])), xyz)
+    srgb = _where_above(g, linear, 0.0031308, g.op("Sub", g.op("Mul", _power(g, linear, 1 / 2.4), g.const(1.055)),
+                                                   g.const(0.055)), g.op("Mul", linear, g.const(12.92)))
+    recoloured = g.op("Round", g.op("Mul", g.op("Clip", srgb, g.const(0.0), g.const(1.0)), g.const(255.0)))
+
+    cells = g.op("Slice", shape, g.const([1], np.int64), g.const([2], np.int64))
     enough = g.op("And", g.op("And", g.op("GreaterOrEqual", cells, g.const([MIN_CELLS], np.int64)),
                               g.op("Greater", count, g.const(0.0))), "normalise")
-    return g.op("Where", g.op("And", cell, enough), recoloured, crops)
+    return g.op("Reshape", g.op("Where", g.op("And", cell, enough), recoloured, rgb), shape)
 
 
 def build_crop_graph(path: Path) -> Path:
@@ -185,7 +189,7 @@ def build_crop_graph(path: Path) -> Path:
     from onnx import TensorProto, helper
 
     g = _Builder()
-    crops = _normalise_stain(g, _cut_and_resize(g))
+    crops = g.op("Transpose", _normalise_stain(g, _cut_and_resize(g)), perm=[1, 2, 3, 0])  # [N, 128, 128, 3]
     g.nodes.append(helper.make_node("Cast", [crops], [CROPS_OUTPUT], to=TensorProto.UINT8))
     field, labels, windows, factor, normalise = CROPS_INPUTS
     graph = helper.make_graph(

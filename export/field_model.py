@@ -32,11 +32,11 @@ def _tensor(kind, name: str, datatype: str, dims: tuple[int, ...], optional: boo
     return tensor
 
 
-def crops_config() -> pb.ModelConfig:
-    """The crop graph: one field a request (no batch dimension), ONNX Runtime (TensorRT on a GPU host)."""
+def crops_config(platform: str = "onnxruntime_onnx") -> pb.ModelConfig:
+    """The crop graph: one field a request (no batch dimension), ONNX Runtime (tensorrt_plan on a GPU host)."""
     field, labels, windows, factor, normalise = CROPS_INPUTS
     return pb.ModelConfig(
-        name=CROPS_NAME, platform="onnxruntime_onnx", max_batch_size=0,
+        name=CROPS_NAME, platform=platform, max_batch_size=0,
         input=[_tensor(pb.ModelInput, field, "UINT8", (-1, -1, 3)), _tensor(pb.ModelInput, labels, "INT32", (-1, -1)),
                _tensor(pb.ModelInput, windows, "INT32", (-1, 4)), _tensor(pb.ModelInput, factor, "FP32", (1,)),
                _tensor(pb.ModelInput, normalise, "BOOL", (1,))],
@@ -59,16 +59,22 @@ def field_config(threshold: float) -> pb.ModelConfig:
     return config
 
 
+def _write_config(repository: Path, config: pb.ModelConfig) -> Path:
+    path = model_dir(repository, config.name) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def write_crops_config(repository: Path, platform: str = "onnxruntime_onnx") -> Path:
+    """The crop graph's config.pbtxt, for its ONNX model or (on a GPU host) its TensorRT engine."""
+    return _write_config(repository, crops_config(platform))
+
+
 def write_field_model(repository: Path) -> list[Path]:
     """The crop graph and the field model's config and BLS code in `repository`; the paths written."""
-    graph = build_crop_graph(served_onnx(repository, CROPS_NAME))
-    written = [graph]
-    threshold = read_decision(model_dir(repository, MODEL_NAME)).threshold
-    for config in (crops_config(), field_config(threshold)):
-        path = model_dir(repository, config.name) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text_format.MessageToString(config))
-        written.append(path)
+    written = [build_crop_graph(served_onnx(repository, CROPS_NAME)), write_crops_config(repository)]
+    written.append(_write_config(repository, field_config(read_decision(model_dir(repository, MODEL_NAME)).threshold)))
     bls = version_dir(repository, FIELD_NAME) / BLS_FILE
     source = version_dir(DEFAULT_REPOSITORY, FIELD_NAME) / BLS_FILE
     if bls.resolve() != source.resolve():

@@ -9,7 +9,9 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cells.contract import DETECTOR_INPUT, DETECTOR_NAME, INPUT_NAME, INPUT_SHAPE, MAX_BATCH_SIZE, OPT_BATCH_SIZE
+from cells.contract import (
+    CROPS_INPUTS, CROPS_NAME, DETECTOR_INPUT, DETECTOR_NAME, INPUT_NAME, INPUT_SHAPE, MAX_BATCH_SIZE, OPT_BATCH_SIZE,
+)
 from cells.errors import BadInput, UserError
 
 
@@ -26,6 +28,10 @@ class EngineProfile:
     workspace_mib: int = 4096
     input_name: str = INPUT_NAME
     item_shapes: tuple[tuple[int, ...], ...] = (INPUT_SHAPE, INPUT_SHAPE, INPUT_SHAPE)  # min, opt, max of one item
+    # Inputs without a batch dimension, each with its min, opt and max shape (the crop graph's); when
+    # given, they are the profile and the batched input above is not.
+    unbatched: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
+    tf32: bool = True  # TensorRT's default for FP32 layers; off where exact float results matter
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -33,35 +39,53 @@ class EngineProfile:
                 f"need 1 <= min ({self.min_batch}) <= opt ({self.opt_batch}) <= max batch ({self.max_batch})"
             )
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """The optimization profile of the dynamic batch dimension."""
+    def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """The optimization profile: each input's min, opt and max shape."""
+        if self.unbatched:
+            return {name: dict(zip(("min", "opt", "max"), shapes)) for name, shapes in self.unbatched}
         low, typical, high = self.item_shapes
-        return {
+        return {self.input_name: {
             "min": (self.min_batch, *low),
             "opt": (self.opt_batch, *typical),
             "max": (self.max_batch, *high),
-        }
+        }}
 
 
 # The detector takes fields of any size: 1/4-resolution IML fields (240x320) are the optimum.
 DETECTOR_PROFILE = EngineProfile(opt_batch=1, max_batch=8, input_name=DETECTOR_INPUT,
                                  item_shapes=((64, 64, 3), (240, 320, 3), (1024, 1024, 3)))
+# The crop graph: one field of up to 4096 px a side (1280x960 IML fields the optimum), its label map
+# at 1/4, up to 1,024 cells. FP32 without TF32: its levels are rounded as PIL rounds them, and
+# FP16 or TF32 products would move many by a level.
+CROPS_PROFILE = EngineProfile(fp16=False, tf32=False, unbatched=tuple(zip(CROPS_INPUTS, (
+    ((16, 16, 3), (960, 1280, 3), (4096, 4096, 3)),
+    ((4, 4), (240, 320), (1024, 1024)),
+    ((1, 4), (128, 4), (1024, 4)),
+    ((1,), (1,), (1,)),
+    ((1,), (1,), (1,)),
+))))
 
 
 def trtexec_command(onnx: Path, plan: Path, profile: EngineProfile, timing_cache: Path | None = None) -> list[str]:
     """The equivalent trtexec invocation, for a GPU host with TensorRT's command-line tools."""
-    dims = {k: "x".join(map(str, v)) for k, v in profile.shapes().items()}
+    shapes = profile.shapes()
+
+    def dims(kind: str) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, s[kind]))}" for name, s in shapes.items())
+
     command = [
         "trtexec",
         f"--onnx={onnx}",
         f"--saveEngine={plan}",
-        f"--minShapes={profile.input_name}:{dims['min']}",
-        f"--optShapes={profile.input_name}:{dims['opt']}",
-        f"--maxShapes={profile.input_name}:{dims['max']}",
+        f"--minShapes={dims('min')}",
+        f"--optShapes={dims('opt')}",
+        f"--maxShapes={dims('max')}",
         f"--memPoolSize=workspace:{profile.workspace_mib}M",
     ]
     if profile.fp16:
         command.append("--fp16")
+    if not profile.tf32:
+        command.append("--noTF32")
     if timing_cache is not None:
         command.append(f"--timingCacheFile={timing_cache}")
     return command
@@ -88,9 +112,12 @@ def build_engine(onnx: Path, plan: Path, profile: EngineProfile, timing_cache: P
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, profile.workspace_mib << 20)
     if profile.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if not profile.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     optimization = builder.create_optimization_profile()
     shapes = profile.shapes()
-    optimization.set_shape(profile.input_name, shapes["min"], shapes["opt"], shapes["max"])
+    for name, shape in shapes.items():
+        optimization.set_shape(name, shape["min"], shape["opt"], shape["max"])
     config.add_optimization_profile(optimization)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
@@ -105,7 +132,7 @@ def build_engine(onnx: Path, plan: Path, profile: EngineProfile, timing_cache: P
         "tensorrt_version": trt.__version__,
         "gpu": _gpu_name(),
         "fp16": profile.fp16,
-        "profile": {k: list(v) for k, v in shapes.items()},
+        "profile": {name: {k: list(v) for k, v in shape.items()} for name, shape in shapes.items()},
         "onnx": str(onnx),
         "plan_bytes": plan.stat().st_size,
     }
@@ -127,9 +154,15 @@ def _gpu_name() -> str:
 
 def build_repository_engine(repository: Path, name: str, profile: EngineProfile) -> tuple[dict, Path]:
     """On the GPU host: model.plan from the repository's ONNX model, and config.pbtxt regenerated for it."""
-    from cells.repository import engine_source, version_dir
+    from cells.repository import engine_source, served_onnx, version_dir
     from export.triton_config import DETECTOR_SERVING, ServingParameters, write_model_config
 
+    if name == CROPS_NAME:  # not a model of weights: always its own profile, FP32
+        from export.field_model import write_crops_config
+
+        plan = version_dir(repository, name) / "model.plan"
+        metadata = build_engine(served_onnx(repository, name), plan, CROPS_PROFILE, Path(repository) / "timing.cache")
+        return metadata, write_crops_config(repository, platform="tensorrt_plan")
     if name == DETECTOR_NAME:
         profile, serving = replace(DETECTOR_PROFILE, fp16=profile.fp16), DETECTOR_SERVING
     else:

@@ -105,7 +105,6 @@ class FieldPipeline:
     def _cells(self, image: np.ndarray, request: FieldRequest, cells: FieldCells) -> np.ndarray | None:
         """Find the field's cells (filling `cells`' boxes and areas) and cut their crops."""
         from cells.detect import detector_input, labelled_cells
-        from cells.find import mask_box
 
         small, factor = detector_input(image, request.cell_diameter)
         found, labels, ids = labelled_cells(self.detector(small[None])[0], image.shape[:2], factor, request.keep_border)
@@ -119,7 +118,16 @@ class FieldPipeline:
 
             crops = cell_crops(image, found)
             return normalise_stain(crops) if request.stain_normalise else crops
-        windows = crop_windows(np.array([mask_box(c)[0] for c in found]))
-        inputs = (image, labels, np.concatenate([windows, ids[:, None]], axis=1).astype(np.int32),
-                  np.array([factor], np.float32), np.array([request.stain_normalise]))
-        return self.crop_graph(dict(zip(CROPS_INPUTS, inputs)))
+        return self.crop_graph(crop_graph_inputs(image, found, labels, ids, factor, request.stain_normalise))
+
+
+def crop_graph_inputs(image: np.ndarray, cells: list, labels: np.ndarray, ids: np.ndarray, factor: float,
+                      stain_normalise: bool = True) -> dict[str, np.ndarray]:
+    """The crop graph's inputs (cells.contract.CROPS_INPUTS) for a field's cells from
+    `cells.detect.labelled_cells`: the squares `cut_cell` cuts around their masks, with their labels."""
+    from cells.find import mask_box
+
+    windows = crop_windows(np.array([mask_box(c)[0] for c in cells]))
+    inputs = (image, labels, np.concatenate([windows, ids[:, None]], axis=1).astype(np.int32),
+              np.array([factor], np.float32), np.array([stain_normalise]))
+    return dict(zip(CROPS_INPUTS, inputs))

@@ -83,9 +83,16 @@ def decode_field(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """`decode`, refusing images too small to be a field or a cell."""
     image = decode(data, max_pixels)
     height, width = image.shape[:2]
-    if min(height, width) < CELL_IMAGE_MIN_SIDE:
-        raise SlideError(f"image too small ({width}x{height}): neither a smear field nor a cell crop")
+    if error := too_small(width, height):
+        raise error
     return image
+
+
+def too_small(width: int, height: int) -> SlideError | None:
+    """The error of an image too small to be a field or a cell, or None."""
+    if min(height, width) < CELL_IMAGE_MIN_SIDE:
+        return SlideError(f"image too small ({width}x{height}): neither a smear field nor a cell crop")
+    return None
 
 
 def is_cell_image(image: np.ndarray) -> bool:

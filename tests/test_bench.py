@@ -69,6 +69,11 @@ def test_bench_feed_reports_the_pipeline_around_stand_in_models(tmp_path):
                 "core_ms_per_cell_by_process", "stages_core_ms_per_cell"):
         assert report[key], key
     assert report["fields"] == 6 and report["cells"] > 0
+    assert report["crops"] == "graph" and report["graph_core_ms_per_cell"] > 0
+    for key in ("host_core_ms_per_cell", "host_core_ms_per_cell_by_component", "steady_core_ms_per_cell_by_process"):
+        assert key in report, key
+    # The workers send each field as stored (a JPEG of ~100 cells), not 49 KB crops per cell.
+    assert 0 < report["wire_bytes_per_cell"] < 4096
 
 
 def test_bench_runtimes_reports_both_runtimes_on_both_models(tmp_path):

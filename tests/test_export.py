@@ -73,7 +73,7 @@ def test_config_refuses_an_empty_version(tmp_path):
 
 def test_engine_profile_and_trtexec_command():
     profile = EngineProfile(opt_batch=32, max_batch=128)
-    assert profile.shapes() == {"min": (1, 128, 128, 3), "opt": (32, 128, 128, 3), "max": (128, 128, 128, 3)}
+    assert profile.shapes()["image"] == {"min": (1, 128, 128, 3), "opt": (32, 128, 128, 3), "max": (128, 128, 128, 3)}
     command = trtexec_command(Path("m.onnx"), Path("r/1/model.plan"), profile, Path("t.cache"))
     assert command[:3] == ["trtexec", "--onnx=m.onnx", "--saveEngine=r/1/model.plan"]
     for flag in ("--minShapes=image:1x128x128x3", "--optShapes=image:32x128x128x3",

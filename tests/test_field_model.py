@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cells.contract import CROPS_INPUTS, CROPS_NAME, DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, FIELD_NAME, MODEL_NAME
+from cells.contract import CROPS_NAME, DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, FIELD_NAME, MODEL_NAME
 from cells.repository import DEFAULT_REPOSITORY, served_onnx
 from deploy.client import FIELD, ClientOptions, InferenceRejected, TritonModel
 
@@ -79,17 +79,15 @@ def fixture_cells():
 
 def test_crop_graph_gives_the_crops_of_cut_cell_and_normalise_stain(fixture_cells):
     """The gate of the graph, as FP16 parity gates a model: every pixel within one level of the NumPy/PIL crops."""
-    from cells.crop import crop_windows
-    from cells.find import cell_crops, mask_box
+    from cells.find import cell_crops
     from cells.runtime import OnnxGraph
     from cells.stain import normalise_stain
+    from fields.pipeline import crop_graph_inputs
 
     graph = OnnxGraph(served_onnx(DEFAULT_REPOSITORY, CROPS_NAME))
     for image, cells, labels, ids, factor in fixture_cells:
-        windows = np.concatenate([crop_windows([mask_box(c)[0] for c in cells]), ids[:, None]], axis=1).astype(np.int32)
         for normalise in (True, False):
-            inputs = (image, labels, windows, np.array([factor], np.float32), np.array([normalise]))
-            crops = graph(dict(zip(CROPS_INPUTS, inputs)))
+            crops = graph(crop_graph_inputs(image, cells, labels, ids, factor, normalise))
             expected = cell_crops(image, cells)
             expected = normalise_stain(expected) if normalise else expected
             difference = np.abs(crops.astype(int) - expected.astype(int))
