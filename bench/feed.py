@@ -70,7 +70,9 @@ def bench_feed(options: FeedBenchOptions) -> dict:
         for index in range(options.total):
             source = distinct[index % len(distinct)]
             _place(source, inputs / f"{index:06d}-{source.name}")
-        stages = in_child(_stage_costs, distinct, scratch / "crops.npy", "learned", repository, 1, one_blas_thread=True)
+        # The stages on one core each; the crop graph on as many threads as the job's server gives it (all cores).
+        stages = in_child(_stage_costs, distinct, scratch / "crops.npy", "learned", repository, 1,
+                          BatchOptions.server_threads, one_blas_thread=True)
         # ONNX Runtime serves the stand-ins: the detector's picks its recorded maps by exact pixel sums.
         run = job([inputs], BenchOptions(fields=inputs, repository=repository, out=options.out,
                                          worker_cpus=options.worker_cpus, runtime="onnxruntime", crops=options.crops),
@@ -100,7 +102,7 @@ def bench_feed(options: FeedBenchOptions) -> dict:
         "stages_core_ms_per_cell": stages["core_ms_per_cell"],
         "crops": options.crops,
         # Steady state (the middle half of the run), every process: host = all of it but the crop graph's
-        # own CPU, measured alone in-process on the same fields (one thread) and given beside it.
+        # own CPU, measured alone in-process on the same fields (the server's threads) and given beside it.
         "steady_core_ms_per_cell": sum(steady.values()),
         "steady_core_ms_per_cell_by_process": steady,
         "host_core_ms_per_cell": sum(steady.values()) - graph,

@@ -58,7 +58,6 @@ def labelled_cells(maps: np.ndarray, shape: tuple[int, int], factor: float, keep
     1/`factor`, 0 outside every cell) and each cell's label in it (int32 [N]): the crop graph's
     inputs (export/crop_graph.py)."""
     from scipy import ndimage as ndi
-    from skimage.measure import regionprops
     from skimage.segmentation import watershed
 
     height, width = shape
@@ -73,11 +72,36 @@ def labelled_cells(maps: np.ndarray, shape: tuple[int, int], factor: float, keep
     markers = np.zeros(centre.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = watershed(-centre, markers, mask=mask | (markers > 0)).astype(np.int32)
-    regions = [r for r in regionprops(labels) if r.area >= params.min_area * np.pi * (diameter / 2) ** 2]
+    regions = [r for r in _regions(labels) if r.area >= params.min_area * np.pi * (diameter / 2) ** 2]
     find = FindParams(scale=1, cell_diameter=DETECTOR_CELL_DIAMETER * factor / DETECTOR_SCALE)
     cells = [(region_to_cell(region, shape, find, factor), region.label) for region in regions]
     kept = [(c, label) for c, label in cells if keep_border or not c.touches_border]
     return [c for c, _ in kept], labels, np.array([label for _, label in kept], np.int32)
+
+
+@dataclass(frozen=True)
+class _Region:
+    """What `region_to_cell` reads of a labelled region (as skimage's regionprops names it)."""
+
+    label: int
+    area: int
+    bbox: tuple[int, int, int, int]  # min row, min col, max row, max col (exclusive)
+    image: np.ndarray  # bool, the region within its bbox
+
+
+def _regions(labels: np.ndarray) -> list[_Region]:
+    """The regions of a label image in label order: one pass for every area and bounding box, not
+    skimage's regionprops objects (a third of the post-processing's time at ~150 regions a field)."""
+    from scipy import ndimage as ndi
+
+    areas = np.bincount(labels.ravel())
+    regions = []
+    for index, where in enumerate(ndi.find_objects(labels)):
+        if where is not None:
+            rows, cols = where
+            regions.append(_Region(index + 1, int(areas[index + 1]), (rows.start, cols.start, rows.stop, cols.stop),
+                                   labels[where] == index + 1))
+    return regions
 
 
 def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:

@@ -11,7 +11,7 @@ a CPU the faster of the two (docs/performance.md).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,16 +41,11 @@ class FieldCells:
 
     width: int = 0
     height: int = 0
-    boxes: np.ndarray = None  # int32 [n, 4]
-    areas: np.ndarray = None  # int32 [n]
-    probabilities: np.ndarray = None  # float32 [n, 2]
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))  # int32 [n, 4]
+    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [n]
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CLASSES)), np.float32))  # [n, 2]
     threshold: float = 0.5
     error: str = ""
-
-    def __post_init__(self) -> None:
-        self.boxes = np.zeros((0, 4), np.int32) if self.boxes is None else self.boxes
-        self.areas = np.zeros(0, np.int32) if self.areas is None else self.areas
-        self.probabilities = np.zeros((0, len(CLASSES)), np.float32) if self.probabilities is None else self.probabilities
 
     @property
     def calls(self) -> np.ndarray:

@@ -87,3 +87,28 @@ def test_bench_runtimes_reports_both_runtimes_on_both_models(tmp_path):
     for row in report["models"].values():
         assert row["onnxruntime"]["per_s"] > 0 and row["openvino"]["per_s"] > 0
     assert report["models"]["detector FP32"]["openvino_cells_f1_vs_onnxruntime"] > 0
+
+
+def test_compare_runs_counts_moved_cells_changed_calls_and_counts(tmp_path):
+    """Two runs of the same two fields: one cell moved out of reach, one call changed."""
+    import numpy as np
+
+    from batch.results import classified, write_part, write_tables
+    from bench.compare import compare_runs
+
+    boxes = np.array([[0, 0, 50, 50], [100, 0, 50, 50], [200, 0, 50, 50], [300, 0, 50, 50]], np.int32)
+    areas = np.full(4, 2000, np.int32)
+    p = np.array([[0.9, 0.1], [0.1, 0.9], [0.2, 0.8], [0.95, 0.05]], np.float32)
+    moved, recalled = boxes.copy(), p.copy()
+    moved[3] = [300, 200, 50, 50]  # no overlap with its old box: unmatched on both sides
+    recalled[1] = [0.9, 0.1]  # Uninfected -> Parasitized
+    for run, (a_boxes, b_p) in {"a": (boxes, p), "b": (moved, recalled)}.items():
+        write_part(tmp_path / run, "f1", classified("f1", "f1.jpg", a_boxes, areas, p, 640, 480, 0.1, 0.5))
+        write_part(tmp_path / run, "f2", classified("f2", "f2.jpg", boxes, areas, b_p, 640, 480, 0.1, 0.5))
+        write_tables(tmp_path / run)
+    result = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert result["fields"] == 2 and result["cells_baseline"] == result["cells_candidate"] == 8
+    assert result["cells_f1"] == 2 * 7 / (2 * 7 + 1 + 1)
+    assert result["calls_agree"] == 6 / 7
+    assert result["counts_identical"] == 0.5 and not result["passed"]
+    assert result["fields_with_other_counts"] == [{"field": "f2", "parasitized": [2, 3]}]
