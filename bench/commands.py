@@ -1,4 +1,5 @@
-"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown|runtimes|storage`."""
+"""The benchmark subcommands (numbers, not pass/fail): `smearscope bench batch|feed|serve|shutdown|runtimes|storage|
+field-model|field-data|compare-runs`."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +147,28 @@ def _configure_storage(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_storage)
 
 
+def _bench_field_model(args: argparse.Namespace) -> int:
+    from bench.field_model import FieldModelBenchOptions, bench_field_model
+
+    bench_field_model(FieldModelBenchOptions(fields=args.fields, repository=args.repository, out=args.out,
+                                             max_fields=args.max_fields, clients=tuple(args.clients), runtime=args.runtime))
+    return 0
+
+
+def _configure_field_model(parser: argparse.ArgumentParser) -> None:
+    from bench.field_model import FieldModelBenchOptions
+    from deploy.commands import add_runtime_flag
+
+    defaults = FieldModelBenchOptions
+    parser.add_argument("--fields", type=Path, default=defaults.fields, help="folder of real smear fields")
+    parser.add_argument("--repository", type=Path, default=defaults.repository, help="repository the server serves")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
+    parser.add_argument("--max-fields", type=int, default=defaults.max_fields, help="fields used, in name order")
+    parser.add_argument("--clients", type=int, nargs="+", default=list(defaults.clients), help="concurrent clients, one run each")
+    add_runtime_flag(parser)
+    parser.set_defaults(handler=_bench_field_model)
+
+
 def _field_data(args: argparse.Namespace) -> int:
     from bench.batch import field_paths
     from bench.serving import field_input_data
@@ -183,6 +206,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_command(benches, "serve", "embedded Triton: img/s and latency over protocol x batch x concurrency", _configure_serve)
     add_command(benches, "compare-runs", "two runs of the job on the same fields: cells F1, calls and counts agreeing",
                 _configure_compare)
+    add_command(benches, "field-model", "the field model under 1 and 8 concurrent clients: fields per call, crops per classifier call",
+                _configure_field_model)
     add_command(benches, "field-data", "perf_analyzer input data for the field model (fields as stored), and its command",
                 _configure_field_data)
     add_command(benches, "feed", "the pipeline around the models: the job with stand-in models, core-ms per cell",
