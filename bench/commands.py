@@ -169,6 +169,28 @@ def _configure_field_model(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_bench_field_model)
 
 
+def _bench_operating_point(args: argparse.Namespace) -> int:
+    from bench.operating_point import OperatingPointOptions, bench_operating_point
+
+    bench_operating_point(OperatingPointOptions(annotations=args.annotations, field_images=args.field_images, nih=args.nih,
+                                                repository=args.repository, out=args.out, threads=args.threads))
+    return 0
+
+
+def _configure_operating_point(parser: argparse.ArgumentParser) -> None:
+    from bench.operating_point import OperatingPointOptions
+
+    defaults = OperatingPointOptions
+    parser.add_argument("--annotations", type=Path, required=True, help="the lab's field annotations (IML format)")
+    parser.add_argument("--field-images", type=Path, required=True, help="folder of those fields")
+    parser.add_argument("--nih", type=Path, required=True, help="NIH cells (Parasitized/, Uninfected/)")
+    parser.add_argument("--repository", type=Path, default=defaults.repository,
+                        help="repository whose classifier (and its assets/adapt-split.json: validation fields and patients) is used")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="JSON report")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="inference threads")
+    parser.set_defaults(handler=_bench_operating_point)
+
+
 def _field_data(args: argparse.Namespace) -> int:
     from bench.batch import field_paths
     from bench.serving import field_input_data
@@ -208,6 +230,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                 _configure_compare)
     add_command(benches, "field-model", "the field model under 1 and 8 concurrent clients: fields per call, crops per classifier call",
                 _configure_field_model)
+    add_command(benches, "operating-point", "each served form of the classifier (FP32, QDQ INT8, NNCF INT8) at the published threshold",
+                _configure_operating_point)
     add_command(benches, "field-data", "perf_analyzer input data for the field model (fields as stored), and its command",
                 _configure_field_data)
     add_command(benches, "feed", "the pipeline around the models: the job with stand-in models, core-ms per cell",

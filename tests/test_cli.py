@@ -31,7 +31,8 @@ COMMANDS = dict(leaf_parsers(build_parser()))
 def test_every_stage_has_its_subcommands():
     expected = {"train", "evaluate", "soup", "remote pack", "remote fit", "remote import", "data preview",
                 "data stats", "data stain-reference", "export", "quantize", "build-engine", "serve", "run", "evaluate-slides",
-                "evaluate-detection", "bench serve", "bench batch", "bench feed", "bench shutdown", "bench runtimes", "bench storage", "web", "train-detector", "export-detector", "adapt"}
+                "evaluate-detection", "bench serve", "bench batch", "bench feed", "bench shutdown", "bench runtimes", "bench storage",
+                "bench field-model", "bench field-data", "bench compare-runs", "bench operating-point", "web", "train-detector", "export-detector", "adapt"}
     assert {name.removeprefix("smearscope ") for name in COMMANDS} == expected
 
 

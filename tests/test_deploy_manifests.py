@@ -86,7 +86,9 @@ def test_cpu_compose_serves_the_generated_cpu_config():
     (triton,) = compose["services"].values()
     assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and "deploy" not in triton  # no GPU reserved
     assert "--model-repository=/models" in triton["command"]
-    assert triton["volumes"] == ["../../model_repository:/models:ro"]
+    # The repository, and the project for the field model's Python backend to import (installed at start).
+    assert triton["volumes"] == ["../../model_repository:/models:ro", "../..:/workspace/smearscope"]
+    assert "pip install -q /workspace/smearscope" in triton["entrypoint"][2]
     assert "--model-config-name=${TRITON_MODEL_CONFIG:-openvino}" in triton["command"]
     repository = DEPLOY.parent / "model_repository"
     config = read_model_config(repository / "malaria_resnet50v2")
