@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cells.cli import add_command
 from cells.contract import MAX_BATCH_SIZE, MODEL_NAME, OPT_BATCH_SIZE
+from cells.errors import BadInput
 from cells.repository import DEFAULT_REPOSITORY
 
 
@@ -52,7 +53,10 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
 def _quantize(args: argparse.Namespace) -> int:
     from export.pipeline import quantize_repository
 
-    quantize_repository(args.repository, args.name, args.data, args.split, args.work_dir)
+    if bool(args.fields) != bool(args.field_images):
+        raise BadInput("--fields and --field-images go together")
+    fields = (args.fields, args.field_images) if args.fields else None
+    quantize_repository(args.repository, args.name, args.data, args.split, args.work_dir, fields)
     return 0
 
 
@@ -64,6 +68,10 @@ def _configure_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_PARITY_DATA, help="labelled cells to calibrate and gate on")
     parser.add_argument("--split", type=Path, help="a run's split.json: calibrate on its training patients, gate on its validation ones")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/quantize"), help="folder for the intermediate models")
+    parser.add_argument("--fields", type=Path,
+                        help="a lab's field annotations (IML format): also gate each INT8 model on the served decision "
+                             "over the lab's validation fields (assets/adapt-split.json, else every annotated field)")
+    parser.add_argument("--field-images", type=Path, help="folder of those fields (with --fields)")
     parser.set_defaults(handler=_quantize)
 
 

@@ -19,6 +19,11 @@ from cells.contract import INPUT_NAME
 CALIBRATION_BATCH = 32
 CALIBRATION_COUNT = 512  # crops whose activation ranges set the INT8 scales
 MAX_ACCURACY_DROP = 0.005  # the gate: INT8 may lose at most 0.5 points of accuracy against FP32
+# The served decision's gate (docs/operating-point.md), on a lab's validation cells at the published
+# threshold: INT8 may call at most 2 points (or one cell, where a point is less than a cell) more or
+# fewer infected cells Parasitized than FP32, and at most 0.2 points more or fewer uninfected ones.
+MAX_SENSITIVITY_SHIFT = 0.02
+MAX_FALSE_CALL_SHIFT = 0.002
 
 
 def upcast_to_fp32(source: Path, out: Path) -> Path:
@@ -133,19 +138,58 @@ def gate_cells(data: Path, split: Path | None, calibration_count: int = CALIBRAT
     return load_cells(calibration).images, load_cells(validation)
 
 
-def int8_models(fp32: Path, work: Path, calibration: np.ndarray, validation) -> tuple[dict[str, Path], dict, list[str]]:
-    """Quantise for both runtimes, then gate each on the validation cells: ({runtime: INT8 path},
-    {runtime: gate report}, reasons they fail)."""
+def gate_decision(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, threshold: float,
+                  name: str) -> tuple[dict, list[str]]:
+    """The served decision of both on a lab's labelled validation cells: infected and uninfected cells
+    called Parasitized at `threshold`; INT8 may move them by at most MAX_SENSITIVITY_SHIFT (or one
+    infected cell) and MAX_FALSE_CALL_SHIFT."""
+    from cells.contract import PARASITIZED
+
+    infected = np.asarray(labels) == PARASITIZED
+    called32, called8 = fp32[:, PARASITIZED] >= threshold, int8[:, PARASITIZED] >= threshold
+
+    def share(called: np.ndarray, rows: np.ndarray) -> float:
+        return float(called[rows].mean()) if rows.any() else 0.0
+
+    report = {"threshold": threshold, "lab_cells": int(len(labels)), "lab_infected": int(infected.sum()),
+              "fp32_infected_called_parasitized": share(called32, infected),
+              "int8_infected_called_parasitized": share(called8, infected),
+              "fp32_uninfected_called_parasitized": share(called32, ~infected),
+              "int8_uninfected_called_parasitized": share(called8, ~infected),
+              "calls_differing": int((called32 != called8).sum())}
+    sensitivity = report["int8_infected_called_parasitized"] - report["fp32_infected_called_parasitized"]
+    false_calls = report["int8_uninfected_called_parasitized"] - report["fp32_uninfected_called_parasitized"]
+    allowed = max(MAX_SENSITIVITY_SHIFT, 1 / infected.sum() if infected.any() else 0.0)
+    failures = []
+    if abs(sensitivity) > allowed + 1e-9:
+        failures.append(f"{name} calls {100 * sensitivity:+.1f} points of the lab's infected cells Parasitized against "
+                        f"FP32 at the served threshold {threshold:.4f} (limit {100 * allowed:.1f})")
+    if abs(false_calls) > MAX_FALSE_CALL_SHIFT + 1e-9:
+        failures.append(f"{name} calls {100 * false_calls:+.2f} points of the lab's uninfected cells Parasitized against "
+                        f"FP32 at the served threshold {threshold:.4f} (limit {100 * MAX_FALSE_CALL_SHIFT:.1f})")
+    return report, failures
+
+
+def int8_models(fp32: Path, work: Path, calibration: np.ndarray, validation, lab=None,
+                threshold: float | None = None) -> tuple[dict[str, Path], dict, list[str]]:
+    """Quantise for both runtimes, then gate each on the validation cells and, given a lab's labelled
+    validation cells (`lab`: images, labels) and the served `threshold`, on the served decision:
+    ({runtime: INT8 path}, {runtime: gate report}, reasons they fail)."""
     from cells.runtime import RUNTIMES, OnnxModel
 
     models = {"onnxruntime": quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration),
               "openvino": openvino_int8(fp32, Path(work) / "openvino" / "model.xml", calibration)}
     reference = OnnxModel(fp32)(validation.images)
+    lab_reference = OnnxModel(fp32)(lab.images) if lab is not None else None
     reports, failures = {}, []
     for runtime, path in models.items():
-        answers = RUNTIMES[runtime](path)(validation.images)
-        reports[runtime], failed = gate_int8(reference, answers, validation.labels, f"{runtime} INT8")
+        model = RUNTIMES[runtime](path)
+        reports[runtime], failed = gate_int8(reference, model(validation.images), validation.labels, f"{runtime} INT8")
         reports[runtime] |= {"calibration_images": int(len(calibration)),
                              "int8_bytes": sum(f.stat().st_size for f in path.parent.glob(f"{path.stem}.*"))}
         failures += failed
+        if lab is not None:
+            reports[runtime]["served_decision"], failed = gate_decision(lab_reference, model(lab.images), lab.labels,
+                                                                        threshold, f"{runtime} INT8")
+            failures += failed
     return models, reports, failures

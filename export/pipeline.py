@@ -10,7 +10,8 @@ from importlib import metadata
 from pathlib import Path
 
 
-from cells.contract import OPT_BATCH_SIZE
+from cells.contract import DETECTOR_NAME, OPT_BATCH_SIZE
+from cells.decision import read_decision
 from cells.errors import UserError, first_line
 from cells import repository as layout
 from export.cpu_model import gate_cells, int8_models
@@ -76,7 +77,7 @@ def writable_repository(repository: Path) -> None:
 def copy_decision(run: Path, model_dir: Path) -> float | None:
     """The run's decision.json (its threshold, `smearscope adapt`) goes with the model; a model without
     one removes the old one, whose threshold was chosen for another model. Returns the threshold."""
-    from cells.decision import DECISION_FILE, read_decision
+    from cells.decision import DECISION_FILE
 
     target = model_dir / DECISION_FILE
     target.unlink(missing_ok=True)
@@ -190,10 +191,25 @@ def install_openvino(model: Path | None, target: Path) -> None:
             shutil.copyfile(model.with_suffix(suffix), target.with_suffix(suffix))
 
 
-def quantize_repository(repository: Path, name: str, data: Path, split: Path | None, work: Path) -> dict:
+def lab_validation_cells(repository: Path, name: str, annotations: Path, images: Path):
+    """A lab's labelled cells, cut as the job cuts them (its learned finder, stain-normalised): those
+    of the validation fields of the model's assets/adapt-split.json, or of every annotated field."""
+    from cells.detect import onnx_finder
+    from train.fields import load_field_cells
+
+    split = layout.model_dir(repository, name) / "assets" / "adapt-split.json"
+    names = set(json.loads(split.read_text())["val_fields"]) if split.is_file() else None
+    finder = onnx_finder(repository if layout.served_onnx(repository, DETECTOR_NAME).is_file() else layout.DEFAULT_REPOSITORY,
+                         keep_border=False)
+    return load_field_cells(annotations, images, finder, True, names=names)
+
+
+def quantize_repository(repository: Path, name: str, data: Path, split: Path | None, work: Path,
+                        fields: tuple[Path, Path] | None = None) -> dict:
     """Give an exported repository its INT8 CPU models (no Keras needed): the served ONNX moves to
     source/ for GPU engines, the gated INT8 ONNX takes its place and OpenVINO's INT8 goes beside
-    it. Nothing changes if either gate fails."""
+    it. With `fields` (a lab's annotations and field images), each INT8 model is also gated on the
+    served decision over the lab's validation fields. Nothing changes if a gate fails."""
     from export.cpu_model import upcast_to_fp32
 
     served, source = layout.served_onnx(repository, name), layout.source_onnx(repository, name)
@@ -204,7 +220,9 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
     work.mkdir(parents=True, exist_ok=True)
     fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
     calibration, validation = gate_cells(data, split)
-    models, reports, failures = int8_models(fp32, work, calibration, validation)
+    lab = lab_validation_cells(repository, name, *fields) if fields else None
+    threshold = read_decision(layout.model_dir(repository, name)).threshold
+    models, reports, failures = int8_models(fp32, work, calibration, validation, lab, threshold)
     log(f"INT8 on {len(validation.labels)} validation cells: {reports}")
     if failures:
         raise ExportError("INT8 gate failed, repository unchanged: " + "; ".join(failures))

@@ -113,3 +113,50 @@ def test_the_runtime_is_chosen_by_the_cpus_kind_and_the_models_form(tmp_path):
     assert choose_runtime(tmp_path, MODEL_NAME, flags=amx) == "onnxruntime"  # OpenVINO was slower on the QDQ ONNX
     assert choose_runtime(DEFAULT_REPOSITORY, MODEL_NAME, flags={"avx2"}) == "onnxruntime"  # not measured
     assert choose_runtime(DEFAULT_REPOSITORY, DETECTOR_NAME, "onnxruntime", flags=amx) == "onnxruntime"  # asked for
+
+
+def test_the_served_decision_gate_refuses_a_drift_at_the_threshold():
+    """Probabilities shifted down by 0.05 move the infected cells near the served threshold: refused;
+    the same probabilities pass; one infected cell is always allowed where a point is less than a cell."""
+    from export.cpu_model import gate_decision
+
+    labels = np.array([0] * 20 + [1] * 980)  # 20 infected (Parasitized = 0), 980 uninfected
+    p = np.concatenate([np.linspace(0.80, 0.99, 20), np.linspace(0.0, 0.9, 980)])
+    fp32 = np.stack([p, 1 - p], axis=1)
+    report, failures = gate_decision(fp32, fp32, labels, 0.85, "same")
+    assert not failures and report["calls_differing"] == 0
+    shifted = np.stack([p - 0.05, 1 - p + 0.05], axis=1)
+    report, failures = gate_decision(fp32, shifted, labels, 0.85, "shifted")
+    assert report["int8_infected_called_parasitized"] < report["fp32_infected_called_parasitized"] - 0.05
+    assert any("infected cells Parasitized" in f for f in failures)
+    one_cell = fp32.copy()
+    one_cell[np.flatnonzero(p >= 0.85)[0], 0] = 0.5  # one infected cell of 20 (5 points) no longer called
+    assert not gate_decision(fp32, one_cell, labels, 0.85, "one cell")[1]
+
+
+def test_a_drifting_decision_is_refused_and_the_repository_left_as_it_was(tmp_path, fp32, cells, monkeypatch):
+    """quantize with a lab's fields: the served-decision gate runs on the lab's cells (the fixture
+    fields, cut by the released detector) and its refusal leaves the repository unchanged."""
+    from export.cpu_model import gate_decision
+
+    calibration, validation = cells
+    repository = fp16_repository(tmp_path / "repo")
+    before = {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()}
+    seen = {}
+
+    def drifting(fp32_path, work, calibration, validation, lab, threshold):  # the quantisation itself is tested above
+        seen["lab"], seen["threshold"] = lab, threshold
+        answers = OnnxModel(fp32_path)(lab.images)
+        shifted = np.clip(answers - np.array([0.3, -0.3], np.float32), 0, 1)  # a calibration that shifts p down
+        report, failures = gate_decision(answers, shifted, lab.labels, threshold, "onnxruntime INT8")
+        return {}, {"onnxruntime": {"served_decision": report}}, failures
+
+    monkeypatch.setattr("export.pipeline.gate_cells", lambda data, split: (calibration, validation))
+    monkeypatch.setattr("export.pipeline.int8_models", drifting)
+    smears = Path(__file__).parent / "fixtures" / "smears"
+    with pytest.raises(ExportError, match="INT8 gate failed, repository unchanged: onnxruntime INT8 calls"):
+        quantize_repository(repository, MODEL_NAME, CELLS, None, tmp_path / "work",
+                            (smears / "annotations.json", smears))
+    assert len(seen["lab"].labels) > 300 and (seen["lab"].labels == 0).any()  # the three fields' annotated cells
+    assert seen["threshold"] == pytest.approx(0.5)  # this repository publishes no decision.json: the default
+    assert {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()} == before
