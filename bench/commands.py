@@ -100,7 +100,9 @@ def _configure_feed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distinct", type=int, default=defaults.distinct, help="distinct fields, in name order")
     parser.add_argument("--total", type=int, default=defaults.total, help="fields the job runs: copies of the distinct ones")
     parser.add_argument("--worker-cpus", type=float, default=defaults.worker_cpus, help="the job's --worker-cpus")
-    parser.add_argument("--crops", choices=("graph", "numpy"), default=defaults.crops,
+    from fields.pipeline import CROP_ENGINES
+
+    parser.add_argument("--crops", choices=CROP_ENGINES, default=defaults.crops,
                         help="the job's --crops (graph: as a GPU host runs the field model)")
     parser.set_defaults(handler=_bench_feed)
 

@@ -28,7 +28,7 @@ class FieldModelBenchOptions:
     runtime: str = "auto"
 
 
-def _statistics(server) -> tuple[int, int]:
+def field_model_statistics(server) -> tuple[int, int]:
     """(fields answered, calls made) by the field model so far."""
     request = urllib.request.Request(f"http://{server.http_url}/v2/models/{FIELD_NAME}/stats",
                                      headers={"triton-access-token": server.access_token})
@@ -59,10 +59,10 @@ def bench_field_model(options: FieldModelBenchOptions) -> dict:
     rows = []
     with EmbeddedServer(options.repository, runtime=options.runtime) as server:
         for clients in options.clients:
-            before, started = _statistics(server), time.perf_counter()
+            before, started = field_model_statistics(server), time.perf_counter()
             cells = asyncio.run(_clients(server.grpc_url, fields, clients))
             wall = time.perf_counter() - started
-            answered, calls = (after - earlier for after, earlier in zip(_statistics(server), before))
+            answered, calls = (after - earlier for after, earlier in zip(field_model_statistics(server), before))
             rows.append({"clients": clients, "fields": answered, "calls": calls, "fields_per_call": answered / calls,
                          "mean_cells_per_field": sum(cells) / len(cells), "crops_per_classifier_call": sum(cells) / calls,
                          "cells_per_s": sum(cells) / wall})

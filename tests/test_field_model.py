@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from PIL import Image
 
 from cells.contract import CROPS_NAME, DETECTOR_INPUT, DETECTOR_NAME, DETECTOR_OUTPUT, FIELD_NAME, MODEL_NAME
 from cells.repository import DEFAULT_REPOSITORY, served_onnx
+from bench.field_model import field_model_statistics
 from deploy.client import FIELD, ClientOptions, InferenceRejected, TritonModel
 
 SMEARS = Path(__file__).parent / "fixtures" / "smears"
@@ -142,20 +141,11 @@ def test_a_jpeg_over_grpc_and_http_gives_the_cells_of_the_pipeline_in_process(se
         assert result.as_numpy("error")[0][0] == b""
 
 
-def _statistics(server) -> tuple[int, int]:
-    """(fields, calls) the field model has answered so far, from Triton's statistics."""
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{FIELD_NAME}/stats",
-                                     headers={"triton-access-token": server.access_token})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        stats = json.load(response)["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
-
-
 def test_eight_concurrent_clients_share_classifier_calls(released_server):
     """Fields arriving together are one call of the field model: its classifier call holds the crops of
     several fields, more than a field's cells."""
     server = released_server
-    fields_before, calls_before = _statistics(server)
+    fields_before, calls_before = field_model_statistics(server)
     options = ClientOptions((server.grpc_url,), model=FIELD_NAME)
 
     async def one(data: bytes) -> int:
@@ -166,7 +156,7 @@ def test_eight_concurrent_clients_share_classifier_calls(released_server):
         return await asyncio.gather(*(one(FIELDS[i % len(FIELDS)].read_bytes()) for i in range(8)))
 
     cells = asyncio.run(eight())
-    fields, calls = (after - before for after, before in zip(_statistics(server), (fields_before, calls_before)))
+    fields, calls = (after - before for after, before in zip(field_model_statistics(server), (fields_before, calls_before)))
     assert fields == 8 and calls < 8, (fields, calls)
     crops_per_call = sum(cells) / calls
     assert crops_per_call > np.mean(cells), (crops_per_call, cells)
