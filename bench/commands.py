@@ -111,7 +111,8 @@ def _bench_runtimes(args: argparse.Namespace) -> int:
     from bench.runtimes import RuntimeBenchOptions, bench_runtimes
 
     bench_runtimes(RuntimeBenchOptions(fields=args.fields, repository=args.repository, out=args.out,
-                                       max_fields=args.max_fields, threads=args.threads, batch_size=args.batch_size))
+                                       max_fields=args.max_fields, threads=args.threads, batch_size=args.batch_size,
+                                       annotations=args.annotations))
     return 0
 
 
@@ -125,6 +126,9 @@ def _configure_runtimes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-fields", type=int, default=defaults.max_fields, help="fields used, in name order")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="inference threads")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per inference call")
+    parser.add_argument("--annotations", type=Path,
+                        help="the fields' annotations (IML format): also each classifier file's calls at the served "
+                             "threshold on every annotated field of --fields (give it fields the model was not adapted on)")
     parser.set_defaults(handler=_bench_runtimes)
 
 

@@ -43,27 +43,41 @@ def _forms(repository: Path, scratch: Path) -> dict:
     }
 
 
-def _parasitemia_error(called: np.ndarray, infected: np.ndarray, fields: list[str]) -> float:
-    """Mean over fields of |called % − annotated %|, in points."""
-    names = np.array(fields)
-    return float(np.mean([abs(100 * called[names == n].mean() - 100 * infected[names == n].mean()) for n in set(fields)]))
+def decision_row(p_parasitized: np.ndarray, infected: np.ndarray, threshold: float, prefix: str,
+                 fields: list[str] | None = None) -> dict:
+    """The served decision on labelled cells: infected and uninfected cells called Parasitized at
+    `threshold` and, given each cell's field, the mean over fields of |called % − annotated %|."""
+    called = p_parasitized >= threshold
+    row = {f"{prefix}infected_called_parasitized": float(called[infected].mean()),
+           f"{prefix}uninfected_called_parasitized": float(called[~infected].mean())}
+    if fields is not None:
+        names = np.array(fields)
+        row[f"{prefix}parasitemia_mae_points"] = float(np.mean(
+            [abs(100 * called[names == n].mean() - 100 * infected[names == n].mean()) for n in set(fields)]))
+    return row
+
+
+def lab_cells(repository: Path, annotations: Path, field_images: Path):
+    """The lab's validation fields of the classifier's assets/adapt-split.json (else every annotated
+    field), cut as `smearscope adapt` evaluated them: the job's finder and crops, stain-normalised."""
+    from cells.repository import model_dir
+    from export.pipeline import lab_validation_cells
+
+    return lab_validation_cells(repository, annotations, field_images,
+                                model_dir(repository, MODEL_NAME) / "assets" / "adapt-split.json")
 
 
 def bench_operating_point(options: OperatingPointOptions) -> dict:
     from bench.batch import cpu_model_name
     from cells.decision import read_decision
-    from cells.detect import onnx_finder
     from cells.repository import model_dir
     from cells.runtime import RUNTIMES
     from train.data import list_samples, load_cells
-    from train.fields import load_field_cells
 
     assets = model_dir(options.repository, MODEL_NAME) / "assets"
     split = json.loads((assets / "adapt-split.json").read_text())
     threshold = read_decision(model_dir(options.repository, MODEL_NAME)).threshold
-    # The lab's validation fields, cut as `smearscope adapt` evaluated them (the job's finder and crops).
-    lab = load_field_cells(options.annotations, options.field_images, onnx_finder(options.repository, keep_border=False),
-                           True, names=set(split["val_fields"]))
+    lab = lab_cells(options.repository, options.annotations, options.field_images)
     patients = set(split["nih"]["val_patients"])
     nih = load_cells([s for s in list_samples(options.nih) if s.patient in patients])
     infected_lab, infected_nih = lab.labels == PARASITIZED, nih.labels == PARASITIZED
@@ -73,15 +87,10 @@ def bench_operating_point(options: OperatingPointOptions) -> dict:
             model = RUNTIMES[runtime](path, batch_size=64, threads=options.threads)
             p_lab, p_nih = model(lab.images)[:, PARASITIZED], model(nih.images)[:, PARASITIZED]
             calls[name] = (p_lab >= threshold, p_nih >= threshold)
-            rows[name] = {
-                "runtime": runtime, "model": str(path),
-                "lab_infected_called_parasitized": float(calls[name][0][infected_lab].mean()),
-                "lab_uninfected_called_parasitized": float(calls[name][0][~infected_lab].mean()),
-                "lab_parasitemia_mae_points": _parasitemia_error(calls[name][0], infected_lab, lab.fields),
-                "nih_infected_called_parasitized": float(calls[name][1][infected_nih].mean()),
-                "nih_uninfected_called_parasitized": float(calls[name][1][~infected_nih].mean()),
-                "nih_accuracy_at_0.5": float(((p_nih >= 0.5) == infected_nih).mean()),
-            }
+            rows[name] = {"runtime": runtime, "model": str(path),
+                          **decision_row(p_lab, infected_lab, threshold, "lab_", lab.fields),
+                          **decision_row(p_nih, infected_nih, threshold, "nih_"),
+                          "nih_accuracy_at_0.5": float(((p_nih >= 0.5) == infected_nih).mean())}
     reference = next(iter(calls))
     for name in rows:
         rows[name]["lab_calls_differing_from_fp32"] = int((calls[name][0] != calls[reference][0]).sum())

@@ -6,8 +6,11 @@ their FP32 source), the detector on the same fields at its input size. Each runt
 how the embedded server would: OpenVINO splits the classifier's batches over its CPU streams.
 Reported: img/s (fields/s), core-ms per image, peak RSS of the process, and how far each OpenVINO
 answer is from ONNX Runtime's (largest probability difference and share of calls that agree at the
-model's threshold; for the detector, F1 of its cells against ONNX Runtime's). `cells/runtime.py`'s
-`MEASURED_FASTER` is written from these reports, one per kind of CPU.
+model's threshold; for the detector, F1 of its cells against ONNX Runtime's). Given the fields'
+annotations, also the served decision of each classifier file on every annotated one of them
+(issue 37: one operating point whatever runtime a CPU gets; give it fields the model was not
+adapted on). `cells/runtime.py`'s `MEASURED_FASTER`
+is written from these reports, one per kind of CPU.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class RuntimeBenchOptions:
     max_fields: int = 20
     threads: int = 2
     batch_size: int = 64
+    annotations: Path | None = None  # the fields' annotations: report the calls at the operating point too
 
 
 def _inputs(paths: list[Path], scratch: Path) -> tuple[Path, Path]:
@@ -62,17 +66,33 @@ def _timed(runtime: str, model: Path, inputs: Path, answers: Path, threads: int,
     return result
 
 
+def _operating_point(model: dict[str, Path], lab, threshold: float, options: RuntimeBenchOptions) -> dict:
+    """Each runtime's file of one classifier at the served threshold on the lab's labelled cells."""
+    from bench.operating_point import decision_row
+    from cells.runtime import RUNTIMES
+
+    infected = lab.labels == PARASITIZED
+    return {runtime: decision_row(RUNTIMES[runtime](path, batch_size=options.batch_size, threads=options.threads)(
+                lab.images)[:, PARASITIZED], infected, threshold, "", lab.fields) for runtime, path in model.items()}
+
+
 def bench_runtimes(options: RuntimeBenchOptions) -> dict:
     from cells.decision import read_decision
     from cells.detection_eval import same_cells_f1
     from cells.repository import engine_source, model_dir, runtime_model, served_onnx
     from export.cpu_model import upcast_to_fp32
+    from export.pipeline import lab_validation_cells
 
     paths = field_paths(options.fields, options.max_fields)
     threshold = read_decision(model_dir(options.repository, MODEL_NAME)).threshold
     models = {"classifier INT8 (shipped)": {runtime: runtime_model(options.repository, MODEL_NAME, runtime)
                                             for runtime in ("onnxruntime", "openvino")}}
     report: dict = {"cpu": cpu_model_name(), "threads": options.threads, "fields": len(paths), "models": {}}
+    lab = (lab_validation_cells(options.repository, options.annotations, options.fields, None)
+           if options.annotations else None)
+    if lab is not None:
+        report |= {"threshold": threshold, "lab_cells": int(len(lab.labels)), "lab_fields": len(set(lab.fields)),
+                   "lab_infected": int((lab.labels == PARASITIZED).sum())}
     with tempfile.TemporaryDirectory(prefix="smearscope-runtimes-") as scratch:
         scratch = Path(scratch)
         crops, fields = _inputs(paths, scratch)
@@ -100,6 +120,8 @@ def bench_runtimes(options: RuntimeBenchOptions) -> dict:
                 row["openvino_max_abs_diff"] = float(np.abs(ov - ort).max())
                 row["openvino_calls_agree"] = float(np.mean((ov[:, PARASITIZED] >= threshold)
                                                             == (ort[:, PARASITIZED] >= threshold)))
+                if lab is not None:
+                    row["operating_point"] = _operating_point(model, lab, threshold, options)
             row["openvino_vs_onnxruntime"] = row["openvino"]["per_s"] / row["onnxruntime"]["per_s"]
             report["models"][label] = row
             print(f"{label}: ONNX Runtime {row['onnxruntime']['per_s']:.1f}/s, OpenVINO {row['openvino']['per_s']:.1f}/s "

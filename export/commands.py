@@ -27,9 +27,24 @@ def _export(args: argparse.Namespace) -> int:
             int8=args.int8,
             calibration_data=args.calibration_data,
             split=args.split,
+            fields=_lab_fields(args),
         )
     )
     return 0
+
+
+def _add_lab_fields(parser: argparse.ArgumentParser, split: str) -> None:
+    """--fields/--field-images: gate INT8 on the served decision over a lab's validation fields."""
+    parser.add_argument("--fields", type=Path,
+                        help="a lab's field annotations (IML format): also gate each INT8 model on the served decision "
+                             f"over the lab's validation fields ({split}, else every annotated field)")
+    parser.add_argument("--field-images", type=Path, help="folder of those fields (with --fields)")
+
+
+def _lab_fields(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    if bool(args.fields) != bool(args.field_images):
+        raise BadInput("--fields and --field-images go together")
+    return (args.fields, args.field_images) if args.fields else None
 
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
@@ -47,16 +62,14 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
                         help="serve an INT8 ONNX to CPUs (static quantisation), gated on validation cells")
     parser.add_argument("--calibration-data", type=Path, help="labelled cells to calibrate and gate INT8 (default: --parity-data)")
     parser.add_argument("--split", type=Path, help="a run's split.json: calibrate on its training patients, gate on its validation ones")
+    _add_lab_fields(parser, "the run's split.json")
     parser.set_defaults(handler=_export)
 
 
 def _quantize(args: argparse.Namespace) -> int:
     from export.pipeline import quantize_repository
 
-    if bool(args.fields) != bool(args.field_images):
-        raise BadInput("--fields and --field-images go together")
-    fields = (args.fields, args.field_images) if args.fields else None
-    quantize_repository(args.repository, args.name, args.data, args.split, args.work_dir, fields)
+    quantize_repository(args.repository, args.name, args.data, args.split, args.work_dir, _lab_fields(args))
     return 0
 
 
@@ -68,10 +81,7 @@ def _configure_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_PARITY_DATA, help="labelled cells to calibrate and gate on")
     parser.add_argument("--split", type=Path, help="a run's split.json: calibrate on its training patients, gate on its validation ones")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/quantize"), help="folder for the intermediate models")
-    parser.add_argument("--fields", type=Path,
-                        help="a lab's field annotations (IML format): also gate each INT8 model on the served decision "
-                             "over the lab's validation fields (assets/adapt-split.json, else every annotated field)")
-    parser.add_argument("--field-images", type=Path, help="folder of those fields (with --fields)")
+    _add_lab_fields(parser, "assets/adapt-split.json")
     parser.set_defaults(handler=_quantize)
 
 

@@ -39,6 +39,7 @@ class ExportOptions:
     int8: bool = True  # serve an INT8 model to CPUs (export/cpu_model.py), gated on validation cells
     calibration_data: Path | None = None  # labelled cells for INT8 calibration and its gate; default parity_data
     split: Path | None = None  # a run's split.json: calibrate on its training patients, gate on its validation ones
+    fields: tuple[Path, Path] | None = None  # a lab's (annotations, field images): gate INT8 on the served decision too
     work_dir: Path | None = None
 
 
@@ -126,7 +127,10 @@ def export(options: ExportOptions) -> dict:
     int8_paths, int8_reports = {}, {}
     if options.int8:
         calibration, validation = gate_cells(options.calibration_data or options.parity_data, options.split)
-        int8_paths, int8_reports, int8_failures = int8_models(fp32_path, work, calibration, validation)
+        lab = lab_validation_cells(options.repository, *options.fields, model_path.parent / "split.json") \
+            if options.fields else None
+        int8_paths, int8_reports, int8_failures = int8_models(fp32_path, work, calibration, validation, lab,
+                                                              read_decision(model_path.parent).threshold)
         log(f"INT8 on {len(validation.labels)} validation cells: {int8_reports}")
         failures += int8_failures
     int8_path = int8_paths.get("onnxruntime")
@@ -191,14 +195,14 @@ def install_openvino(model: Path | None, target: Path) -> None:
             shutil.copyfile(model.with_suffix(suffix), target.with_suffix(suffix))
 
 
-def lab_validation_cells(repository: Path, name: str, annotations: Path, images: Path):
-    """A lab's labelled cells, cut as the job cuts them (its learned finder, stain-normalised): those
-    of the validation fields of the model's assets/adapt-split.json, or of every annotated field."""
+def lab_validation_cells(repository: Path, annotations: Path, images: Path, split: Path | None):
+    """A lab's labelled cells, cut as the job cuts them (the repository's learned finder, stain-normalised):
+    those of the validation fields of `split` (an adapted run's split.json), or of every annotated field."""
     from cells.detect import onnx_finder
     from train.fields import load_field_cells
 
-    split = layout.model_dir(repository, name) / "assets" / "adapt-split.json"
-    names = set(json.loads(split.read_text())["val_fields"]) if split.is_file() else None
+    info = json.loads(split.read_text()) if split is not None and split.is_file() else {}
+    names = set(info["val_fields"]) if "val_fields" in info else None
     finder = onnx_finder(repository if layout.served_onnx(repository, DETECTOR_NAME).is_file() else layout.DEFAULT_REPOSITORY,
                          keep_border=False)
     return load_field_cells(annotations, images, finder, True, names=names)
@@ -220,7 +224,8 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
     work.mkdir(parents=True, exist_ok=True)
     fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
     calibration, validation = gate_cells(data, split)
-    lab = lab_validation_cells(repository, name, *fields) if fields else None
+    lab = lab_validation_cells(repository, *fields, layout.model_dir(repository, name) / "assets" / "adapt-split.json") \
+        if fields else None
     threshold = read_decision(layout.model_dir(repository, name)).threshold
     models, reports, failures = int8_models(fp32, work, calibration, validation, lab, threshold)
     log(f"INT8 on {len(validation.labels)} validation cells: {reports}")

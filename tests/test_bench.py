@@ -79,7 +79,7 @@ def test_bench_feed_reports_the_pipeline_around_stand_in_models(tmp_path):
 def test_bench_runtimes_reports_both_runtimes_on_both_models(tmp_path):
     out = tmp_path / "runtimes.json"
     result = run_cli("bench", "runtimes", "--fields", str(FIXTURES / "smears"), "--out", str(out), "--max-fields", "1",
-                     timeout=900)
+                     "--annotations", str(FIXTURES / "smears" / "annotations.json"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["cpu"] and report["crops"] > 0
@@ -87,6 +87,12 @@ def test_bench_runtimes_reports_both_runtimes_on_both_models(tmp_path):
     for row in report["models"].values():
         assert row["onnxruntime"]["per_s"] > 0 and row["openvino"]["per_s"] > 0
     assert report["models"]["detector FP32"]["openvino_cells_f1_vs_onnxruntime"] > 0
+    # The served decision of each classifier file on the three annotated fixture fields' cells.
+    assert report["lab_fields"] == 3 and report["lab_cells"] > 300 and report["lab_infected"] > 0
+    for label in ("classifier INT8 (shipped)", "classifier FP32"):
+        for calls in report["models"][label]["operating_point"].values():
+            assert 0 < calls["infected_called_parasitized"] <= 1 and 0 <= calls["uninfected_called_parasitized"] < 0.05
+            assert calls["parasitemia_mae_points"] >= 0
 
 
 def test_compare_runs_counts_moved_cells_changed_calls_and_counts(tmp_path):

@@ -160,3 +160,37 @@ def test_a_drifting_decision_is_refused_and_the_repository_left_as_it_was(tmp_pa
     assert len(seen["lab"].labels) > 300 and (seen["lab"].labels == 0).any()  # the three fields' annotated cells
     assert seen["threshold"] == pytest.approx(0.5)  # this repository publishes no decision.json: the default
     assert {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()} == before
+
+
+def test_autos_choice_of_runtime_never_moves_a_fixture_fields_count_beyond_the_tolerance(fp32):
+    """Whatever runtime `auto` picks on each kind of CPU, the released classifier's file it serves calls
+    each annotated fixture field's cells (cut by the released detector, as the job cuts them) at the
+    published threshold within one cell of FP32's count: the gate's allowance where a field has fewer
+    than 50 infected cells. The three fields' 11 infected cells are too few to tell the old QDQ's drift
+    (one cell in one field) from this one; the served-decision gate on the lab's validation fields is
+    what tells them apart (docs/operating-point.md)."""
+    from cells.contract import PARASITIZED
+    from cells.decision import read_decision
+    from cells.repository import DEFAULT_REPOSITORY, runtime_model
+    from cells.runtime import RUNTIMES, choose_runtime
+    from export.pipeline import lab_validation_cells
+
+    smears = Path(__file__).parent / "fixtures" / "smears"
+    lab = lab_validation_cells(DEFAULT_REPOSITORY, smears / "annotations.json", smears, None)
+    threshold = read_decision(RELEASED).threshold
+    fields = np.array(lab.fields)
+
+    def counts(p_parasitized: np.ndarray) -> np.ndarray:
+        return np.array([(p_parasitized[fields == name] >= threshold).sum() for name in sorted(set(lab.fields))])
+
+    reference = OnnxModel(fp32)(lab.images)[:, PARASITIZED]
+    assert counts(reference).sum() >= 5  # fields with parasites called at the threshold
+    kinds = {"amx": {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "avx512-vnni": {"avx2", "avx512_vnni"},
+             "avx2": {"avx2"}}
+    chosen = {kind: choose_runtime(DEFAULT_REPOSITORY, MODEL_NAME, flags=flags) for kind, flags in kinds.items()}
+    assert set(chosen.values()) == {"onnxruntime", "openvino"}  # two different INT8 files are served
+    for kind, runtime in chosen.items():
+        served = RUNTIMES[runtime](runtime_model(DEFAULT_REPOSITORY, MODEL_NAME, runtime))(lab.images)[:, PARASITIZED]
+        assert np.abs(served - reference).max() > 1e-3  # INT8 arithmetic, not FP32's answers
+        moved = np.abs(counts(served) - counts(reference))
+        assert moved.max() <= 1, f"{kind} ({runtime}) moves the fields' Parasitized counts by {moved.tolist()}"
