@@ -60,22 +60,20 @@ def decision_row(p_parasitized: np.ndarray, infected: np.ndarray, threshold: flo
 def lab_cells(repository: Path, annotations: Path, field_images: Path):
     """The lab's validation fields of the classifier's assets/adapt-split.json (else every annotated
     field), cut as `smearscope adapt` evaluated them: the job's finder and crops, stain-normalised."""
-    from cells.repository import model_dir
+    from cells.repository import adapt_split
     from export.pipeline import lab_validation_cells
 
-    return lab_validation_cells(repository, annotations, field_images,
-                                model_dir(repository, MODEL_NAME) / "assets" / "adapt-split.json")
+    return lab_validation_cells(repository, annotations, field_images, adapt_split(repository, MODEL_NAME))
 
 
 def bench_operating_point(options: OperatingPointOptions) -> dict:
     from bench.batch import cpu_model_name
     from cells.decision import read_decision
-    from cells.repository import model_dir
+    from cells.repository import adapt_split, model_dir
     from cells.runtime import RUNTIMES
     from train.data import list_samples, load_cells
 
-    assets = model_dir(options.repository, MODEL_NAME) / "assets"
-    split = json.loads((assets / "adapt-split.json").read_text())
+    split = json.loads(adapt_split(options.repository, MODEL_NAME).read_text())
     threshold = read_decision(model_dir(options.repository, MODEL_NAME)).threshold
     lab = lab_cells(options.repository, options.annotations, options.field_images)
     patients = set(split["nih"]["val_patients"])

@@ -60,4 +60,6 @@ FIELD_OPTIONS = {"threshold": "FP32", "cell_diameter": "FP32", "keep_border": "B
 # size INT32 [2] (width, height), error BYTES [1] (empty, or why the field cannot be read).
 FIELD_OUTPUTS = {"boxes": ("INT32", (-1, 4)), "areas": ("INT32", (-1,)), "probabilities": ("FP32", (-1, 2)),
                  "calls": ("INT32", (-1,)), "counts": ("INT32", (2,)), "size": ("INT32", (2,)), "error": ("BYTES", (1,))}
+# The NumPy type of each Triton datatype the field model's tensors use (server and client alike).
+NUMPY_TYPES = {"FP32": "float32", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "BYTES": "bytes"}
 FIELD_MAX_BATCH = 8  # fields a call of the field model takes at once (their crops are classified together)

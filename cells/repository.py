@@ -67,6 +67,11 @@ def source_onnx(repository: Path, name: str) -> Path:
     return model_dir(repository, name) / SOURCE_DIR / "model.onnx"
 
 
+def adapt_split(repository: Path, name: str) -> Path:
+    """assets/adapt-split.json: the lab's training and validation fields (and NIH patients) of an adapted model."""
+    return model_dir(repository, name) / "assets" / "adapt-split.json"
+
+
 def platform_of(version: Path) -> str:
     """tensorrt_plan when the version holds an engine, else onnxruntime_onnx; an empty version is an error."""
     for platform, filename in PLATFORM_FILES.items():

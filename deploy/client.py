@@ -16,7 +16,7 @@ import numpy as np
 
 from cells.contract import (
     CHANNELS, CLASSES, DETECTOR_INPUT, DETECTOR_OUTPUT, FIELD_INPUT, FIELD_OPTIONS, FIELD_OUTPUTS, INPUT_DTYPE, INPUT_NAME,
-    INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME, OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
+    INPUT_SHAPE, MAX_IN_FLIGHT, MODEL_NAME, NUMPY_TYPES, OUTPUT_DTYPE, OUTPUT_NAME, REQUEST_BATCH_SIZE,
 )
 from cells.errors import BadInput, UserError, describe, first_line
 
@@ -320,14 +320,13 @@ class TritonModel:
         return result.as_numpy(self.contract.output_name)
 
     async def _infer_field(self, library, server: _Server, data: bytes, options: dict) -> dict[str, np.ndarray]:
-        dtypes = {"FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
         encoded = library.InferInput(FIELD_INPUT, [1, 1], "BYTES")
         encoded.set_data_from_numpy(np.array([[data]], dtype=np.object_))
         inputs = [encoded]
         for key, value in options.items():
             kind = FIELD_OPTIONS[key]
             tensor = library.InferInput(key, [1, 1], kind)
-            tensor.set_data_from_numpy(np.array([[value]], dtypes[kind]))
+            tensor.set_data_from_numpy(np.array([[value]], NUMPY_TYPES[kind]))
             inputs.append(tensor)
         outputs = [library.InferRequestedOutput(name) for name in FIELD_OUTPUTS]
         result = await server.client.infer(self.options.model, inputs, outputs=outputs)

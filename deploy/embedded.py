@@ -131,6 +131,7 @@ def _bind_field(triton, repository: Path, loaded: dict, threads: int, runtime: s
 
     from cells.contract import (
         CROPS_NAME, DETECTOR_NAME, FIELD_INPUT, FIELD_MAX_BATCH, FIELD_NAME, FIELD_OPTIONS, FIELD_OUTPUTS, MODEL_NAME,
+        NUMPY_TYPES,
     )
     from cells.decision import read_decision
     from cells.runtime import OnnxGraph, choose_runtime
@@ -146,7 +147,6 @@ def _bind_field(triton, repository: Path, loaded: dict, threads: int, runtime: s
     _allow_empty_outputs()
     pipeline = FieldPipeline(model(DETECTOR_NAME), model(MODEL_NAME), OnnxGraph(graph, threads) if graph.is_file() else None,
                              read_decision(model_dir(repository, MODEL_NAME)).threshold, crops)
-    dtypes = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "BYTES": np.bytes_}
 
     def infer(requests) -> list[dict[str, np.ndarray]]:
         fields = [FieldRequest(bytes(request[FIELD_INPUT].reshape(-1)[0]),
@@ -161,8 +161,10 @@ def _bind_field(triton, repository: Path, loaded: dict, threads: int, runtime: s
         model_name=FIELD_NAME,
         infer_func=infer,
         inputs=[Tensor(name=FIELD_INPUT, dtype=np.bytes_, shape=(1,))]
-        + [Tensor(name=key, dtype=dtypes[kind], shape=(1,), optional=True) for key, kind in FIELD_OPTIONS.items()],
-        outputs=[Tensor(name=key, dtype=dtypes[kind], shape=shape) for key, (kind, shape) in FIELD_OUTPUTS.items()],
+        + [Tensor(name=key, dtype=np.dtype(NUMPY_TYPES[kind]).type, shape=(1,), optional=True)
+           for key, kind in FIELD_OPTIONS.items()],
+        outputs=[Tensor(name=key, dtype=np.dtype(NUMPY_TYPES[kind]).type, shape=shape)
+                 for key, (kind, shape) in FIELD_OUTPUTS.items()],
         config=ModelConfig(max_batch_size=FIELD_MAX_BATCH, batcher=DynamicBatcher(max_queue_delay_microseconds=2000)),
         strict=True,
     )

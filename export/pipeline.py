@@ -126,12 +126,9 @@ def export(options: ExportOptions) -> dict:
     failures = check_gate(fp32, fp16)
     int8_paths, int8_reports = {}, {}
     if options.int8:
-        calibration, validation = gate_cells(options.calibration_data or options.parity_data, options.split)
-        lab = lab_validation_cells(options.repository, *options.fields, model_path.parent / "split.json") \
-            if options.fields else None
-        int8_paths, int8_reports, int8_failures = int8_models(fp32_path, work, calibration, validation, lab,
-                                                              read_decision(model_path.parent).threshold)
-        log(f"INT8 on {len(validation.labels)} validation cells: {int8_reports}")
+        int8_paths, int8_reports, int8_failures = gated_int8(
+            fp32_path, work, options.calibration_data or options.parity_data, options.split, options.repository,
+            options.fields, model_path.parent / "split.json", read_decision(model_path.parent).threshold)
         failures += int8_failures
     int8_path = int8_paths.get("onnxruntime")
     report = {
@@ -208,6 +205,19 @@ def lab_validation_cells(repository: Path, annotations: Path, images: Path, spli
     return load_field_cells(annotations, images, finder, True, names=names)
 
 
+def gated_int8(fp32: Path, work: Path, data: Path, split: Path | None, repository: Path,
+               fields: tuple[Path, Path] | None, fields_split: Path, threshold: float) -> tuple[dict, dict, list[str]]:
+    """Both INT8 models of `fp32`, calibrated on the cells of `data` (a run's training patients, given
+    its `split`) and gated on its validation cells and, given a lab's (annotations, images), on the
+    served decision at `threshold` over the lab's validation fields (those of `fields_split`):
+    ({runtime: INT8 path}, {runtime: gate report}, reasons they fail)."""
+    calibration, validation = gate_cells(data, split)
+    lab = lab_validation_cells(repository, *fields, fields_split) if fields else None
+    models, reports, failures = int8_models(fp32, work, calibration, validation, lab, threshold)
+    log(f"INT8 on {len(validation.labels)} validation cells: {reports}")
+    return models, reports, failures
+
+
 def quantize_repository(repository: Path, name: str, data: Path, split: Path | None, work: Path,
                         fields: tuple[Path, Path] | None = None) -> dict:
     """Give an exported repository its INT8 CPU models (no Keras needed): the served ONNX moves to
@@ -220,15 +230,12 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
     original = layout.engine_source(repository, name)
     if not original.is_file():
         raise ExportError(f"no ONNX model to quantise in {served.parent}")
-    max_batch = layout.read_model_config(layout.model_dir(repository, name)).max_batch_size
+    model_dir = layout.model_dir(repository, name)
+    max_batch = layout.read_model_config(model_dir).max_batch_size
     work.mkdir(parents=True, exist_ok=True)
     fp32 = upcast_to_fp32(original, work / "model.fp32.onnx")
-    calibration, validation = gate_cells(data, split)
-    lab = lab_validation_cells(repository, *fields, layout.model_dir(repository, name) / "assets" / "adapt-split.json") \
-        if fields else None
-    threshold = read_decision(layout.model_dir(repository, name)).threshold
-    models, reports, failures = int8_models(fp32, work, calibration, validation, lab, threshold)
-    log(f"INT8 on {len(validation.labels)} validation cells: {reports}")
+    models, reports, failures = gated_int8(fp32, work, data, split, repository, fields,
+                                           layout.adapt_split(repository, name), read_decision(model_dir).threshold)
     if failures:
         raise ExportError("INT8 gate failed, repository unchanged: " + "; ".join(failures))
     if not source.is_file():
@@ -236,7 +243,7 @@ def quantize_repository(repository: Path, name: str, data: Path, split: Path | N
         shutil.move(served, source)
     shutil.copyfile(models["onnxruntime"], served)
     install_openvino(models["openvino"], layout.openvino_model(repository, name))
-    report_path = layout.model_dir(repository, name) / REPORT_FILE
+    report_path = model_dir / REPORT_FILE
     export_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     export_report |= {"int8_vs_fp32": reports["onnxruntime"], "openvino_int8_vs_fp32": reports["openvino"],
                       "served_onnx": "int8", "int8_source": layout.released_path(original)}

@@ -146,3 +146,5 @@ def test_export_bad_inputs(tmp_path):
     blocker.write_text("")
     unwritable = call_cli("export", "--model", str(bogus), "--repository", str(blocker / "repo"))
     assert unwritable.returncode != 0 and "not writable" in unwritable.stderr
+    half = call_cli("export", "--model", str(bogus), "--repository", str(tmp_path / "r"), "--fields", str(bogus))
+    assert half.returncode != 0 and "--fields and --field-images go together" in half.stderr
