@@ -60,7 +60,10 @@ def test_quantize_serves_a_gated_int8_and_keeps_the_fp16_for_engines(tmp_path):
     served, source = model / "1" / "model.onnx", model / "source" / "model.onnx"
     assert source.read_bytes() == FP16.read_bytes()
     assert served.stat().st_size < 0.6 * source.stat().st_size
-    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(served)).graph.node)
+    nodes = onnx.load(str(served)).graph.node
+    assert any(node.op_type == "QuantizeLinear" for node in nodes)
+    (softmax,) = [node for node in nodes if node.op_type == "Softmax"]
+    assert not any(node.op_type == "QuantizeLinear" and softmax.output[0] in node.input for node in nodes)  # FP32 p
     report = json.loads((model / "export_report.json").read_text())
     for gate in (report["int8_vs_fp32"], report["openvino_int8_vs_fp32"]):
         assert gate["validation_images"] == 48 and gate["accuracy_drop_points"] <= 0.5
