@@ -57,25 +57,19 @@ def decision_row(p_parasitized: np.ndarray, infected: np.ndarray, threshold: flo
     return row
 
 
-def lab_cells(repository: Path, annotations: Path, field_images: Path):
-    """The lab's validation fields of the classifier's assets/adapt-split.json (else every annotated
-    field), cut as `smearscope adapt` evaluated them: the job's finder and crops, stain-normalised."""
-    from cells.repository import adapt_split
-    from export.pipeline import lab_validation_cells
-
-    return lab_validation_cells(repository, annotations, field_images, adapt_split(repository, MODEL_NAME))
-
-
 def bench_operating_point(options: OperatingPointOptions) -> dict:
     from bench.batch import cpu_model_name
     from cells.decision import read_decision
     from cells.repository import adapt_split, model_dir
     from cells.runtime import RUNTIMES
+    from export.pipeline import lab_validation_cells
     from train.data import list_samples, load_cells
 
-    split = json.loads(adapt_split(options.repository, MODEL_NAME).read_text())
+    split_path = adapt_split(options.repository, MODEL_NAME)
+    split = json.loads(split_path.read_text())
     threshold = read_decision(model_dir(options.repository, MODEL_NAME)).threshold
-    lab = lab_cells(options.repository, options.annotations, options.field_images)
+    # The lab's validation fields, cut as `smearscope adapt` evaluated them (the job's finder and crops).
+    lab = lab_validation_cells(options.repository, options.annotations, options.field_images, split_path)
     patients = set(split["nih"]["val_patients"])
     nih = load_cells([s for s in list_samples(options.nih) if s.patient in patients])
     infected_lab, infected_nih = lab.labels == PARASITIZED, nih.labels == PARASITIZED

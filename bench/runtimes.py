@@ -9,8 +9,8 @@ answer is from ONNX Runtime's (largest probability difference and share of calls
 model's threshold; for the detector, F1 of its cells against ONNX Runtime's). Given the fields'
 annotations, also the served decision of each classifier file on every annotated one of them
 (issue 37: one operating point whatever runtime a CPU gets; give it fields the model was not
-adapted on). `cells/runtime.py`'s `MEASURED_FASTER`
-is written from these reports, one per kind of CPU.
+adapted on). `cells/runtime.py`'s `MEASURED_FASTER` is written from these reports, one per kind of
+CPU.
 """
 from __future__ import annotations
 

@@ -202,8 +202,9 @@ def int8_models(fp32: Path, work: Path, calibration: np.ndarray, validation, lab
 
     models = {"onnxruntime": quantize_int8(fp32, Path(work) / "model.int8.onnx", calibration),
               "openvino": openvino_int8(fp32, Path(work) / "openvino" / "model.xml", calibration)}
-    reference = OnnxModel(fp32)(validation.images)
-    lab_reference = OnnxModel(fp32)(lab.images) if lab is not None else None
+    fp32_model = OnnxModel(fp32)
+    reference = fp32_model(validation.images)
+    lab_reference = fp32_model(lab.images) if lab is not None else None
     reports, failures = {}, []
     for runtime, path in models.items():
         model = RUNTIMES[runtime](path)
